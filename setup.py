@@ -1,0 +1,46 @@
+"""vlcal_jax: VL-Calibration (decoupled visual/reasoning confidence RL) in JAX."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "chex>=0.1.90",
+    "ml-collections>=1.0",
+    "absl-py",
+    "transformers>=5.0",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "pillow>=10",
+    "numpy>=1.26",
+    "pyarrow>=15",
+    "matplotlib>=3.8",
+    "tensorboardX>=2.6",
+    "tqdm",
+]
+
+EXTRAS = {
+    # torch is pinned to the CPU wheel used for parity tests only; any other pin pulls CUDA.
+    "test": [
+        "pytest>=8",
+        "torch==2.13.0",
+        "scikit-learn>=1.4",
+        "torchmetrics>=1.4",
+        "mathruler==0.1.0",
+    ],
+    "tpu": ["jax[tpu]>=0.10"],
+}
+
+setup(
+    name="vlcal_jax",
+    version="0.1.0",
+    description="VL-Calibration: decoupled visual and reasoning confidence calibration for LVLMs, in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vlcal_jax", "vlcal_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
