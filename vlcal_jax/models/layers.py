@@ -1,0 +1,78 @@
+"""Shared pure layers: norms, activations, rotary helpers, attention.
+
+Norms and softmax always run in float32; matmuls run in the compute dtype of their input.
+`attention` is the single place a TPU/GPU kernel (splash / flash attention) would be swapped in:
+it sees plain [B, T, H, D] arrays and a boolean mask, nothing model-specific.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def linear(x, kernel, bias=None):
+    """x [..., D_in] @ kernel [D_in, D_out] (+ bias) in x's dtype."""
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    return y
+
+
+def rms_norm(x, scale, eps):
+    """RMSNorm over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps):
+    """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotary embedding of x [..., H, D] with cos/sin [..., D] broadcast over heads, in float32."""
+    x32 = x.astype(jnp.float32)
+    cos = cos[..., None, :].astype(jnp.float32)
+    sin = sin[..., None, :].astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def attention(q, k, v, mask, scale):
+    """Grouped-query attention.
+
+    q [B, T, H, D], k/v [B, S, KV, D] with H % KV == 0, mask bool [B, T, S] (True = attend).
+    Returns [B, T, H, D]. Scores and softmax are float32; a fully masked query row gives a
+    uniform average (as HF's finfo.min masking does) and is ignored by callers.
+    """
+    batch, tq, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, tq, kv_heads, groups, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, tq, heads, dim)

@@ -1,0 +1,104 @@
+"""Qwen3-VL forward: host-side input preparation + one pure, jittable `apply`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlcal_jax.models import text, vision
+from vlcal_jax.models.config import ModelConfig
+from vlcal_jax.models.positions import rope_index
+
+
+class ModelInputs(NamedTuple):
+    """Device inputs of one batch. input_ids/attention_mask [B, T], position_ids [3, B, T],
+    next_position [B] (first generated position), vision: padded VisionInputs or None."""
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    position_ids: jax.Array
+    next_position: jax.Array
+    vision: vision.VisionInputs | None
+
+
+def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   *, patch_bucket: int | None = None) -> ModelInputs:
+    """Host-side: 3-D positions, vision metadata and patch padding for a processor-format batch.
+
+    input_ids [B, T] with image pads expanded (left padding allowed), attention_mask [B, T],
+    pixel_values [N_patches, patch_dim] of all images concatenated, image_grid_thw [N_images, 3].
+    """
+    input_ids = np.asarray(input_ids, dtype=np.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int32)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pass pixel_values and image_grid_thw together (both or neither)")
+    n_pads = int(((input_ids == config.image_token_id) & (mask > 0)).sum())
+    vis = None
+    if pixel_values is not None:
+        grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+        expected = int((np.prod(grid, axis=-1) // config.vision.merge_unit).sum())
+        if n_pads != expected:
+            raise ValueError(
+                f"input_ids hold {n_pads} <|image_pad|> tokens but image_grid_thw {grid.tolist()} gives "
+                f"{expected} merged patches; build prompts with processing.render_prompt for these images"
+            )
+        vis = vision.prepare_vision_inputs(pixel_values, grid, config.vision, patch_bucket)
+    elif n_pads:
+        raise ValueError(f"input_ids hold {n_pads} <|image_pad|> tokens but no pixel_values were given")
+    positions, next_position = rope_index(input_ids, mask, image_grid_thw, config)
+    return ModelInputs(input_ids, mask, positions, next_position, vis)
+
+
+def causal_mask(attention_mask):
+    """bool [B, T, T]: key j visible to query i when j <= i and key j is not padding."""
+    length = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal[None] & (attention_mask[:, None, :] > 0)
+
+
+def encode_images(config: ModelConfig, params, vis: vision.VisionInputs):
+    """Vision tower: (image_embeds [P/m^2, D], deepstack [n_ds, P/m^2, D])."""
+    return vision.vision_tower(config.vision, params["visual"], vis, config.compute_dtype)
+
+
+def apply(config: ModelConfig, params, inputs: ModelInputs, *, return_hidden: bool = False, return_kv: bool = False):
+    """Full forward (jittable). Returns logits float32 [B, T, V], or the final hidden states
+    [B, T, D] with `return_hidden=True`; with `return_kv=True` also the per-layer (k, v)
+    [L, B, T, KV, hd] for a prefill."""
+    image_embeds = deepstack = None
+    if inputs.vision is not None:
+        image_embeds, deepstack = encode_images(config, params, inputs.vision)
+    x, slots = text.embed_tokens(config, params, inputs.input_ids, image_embeds)
+    cos, sin = text.mrope_cos_sin(inputs.position_ids, config.text)
+    mask = causal_mask(inputs.attention_mask)
+    hidden, kv = text.decoder(config, params, x, cos, sin, mask, image_slots=slots,
+                              deepstack=deepstack, return_kv=return_kv)
+    out = hidden if return_hidden else logits_from_hidden(config, params, hidden)
+    return (out, kv) if return_kv else out
+
+
+def logits_from_hidden(config: ModelConfig, params, hidden):
+    """hidden [..., D] -> logits float32 [..., V]."""
+    kernel = text.lm_head_kernel(config, params)
+    return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+apply_jit = jax.jit(apply, static_argnums=(0,), static_argnames=("return_hidden", "return_kv"))
+
+
+def forward(config: ModelConfig, params, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+            *, patch_bucket: int | None = None):
+    """logits float32 [B, T, V] for a processor-format batch (see `prepare_inputs`).
+
+    Compiles once per (batch, length, patch bucket) shape; pad lengths to buckets upstream.
+    """
+    inputs = prepare_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                            patch_bucket=patch_bucket)
+    return apply_jit(config, params, inputs)

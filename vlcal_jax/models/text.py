@@ -1,0 +1,124 @@
+"""Qwen3 text decoder with interleaved MRoPE and DeepStack injection, layers under `lax.scan`.
+
+The same layer function serves the full (teacher-forced / prefill) pass and single-step
+decoding against a preallocated KV cache, so cached decoding is the full forward by
+construction.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlcal_jax.models import layers
+from vlcal_jax.models.config import ModelConfig, TextConfig
+
+
+class KVCache(NamedTuple):
+    """Static-shape cache: k/v [L, B, S, KV, head_dim], valid [B, S] bool (keys that exist)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
+def mrope_axis(config: TextConfig) -> np.ndarray:
+    """Which position axis (0=t, 1=h, 2=w) drives each of the head_dim/2 rotary frequencies."""
+    axis = np.zeros(config.head_dim // 2, np.int32)
+    for dim, offset in ((1, 1), (2, 2)):
+        axis[offset:config.mrope_section[dim] * 3:3] = dim
+    return axis
+
+
+def mrope_cos_sin(position_ids, config: TextConfig):
+    """position_ids int [3, B, T] -> cos, sin float32 [B, T, head_dim] (interleaved MRoPE)."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim))
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, half]
+    axis = jnp.asarray(mrope_axis(config))
+    freqs = jnp.take_along_axis(freqs, jnp.broadcast_to(axis, (1,) + freqs.shape[1:3] + (half,)), axis=0)[0]
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index=None):
+    """One layer. x [B, T, D]; mask bool [B, T, S].
+
+    Without `kv`: keys are this call's own tokens (S == T); returns (x, (k, v)).
+    With `kv=(k_cache, v_cache)` [B, S, KV, hd]: this call's k/v are written at `write_index`
+    (scalar) and attention runs over the whole cache; returns (x, (k_cache, v_cache)).
+    """
+    batch, length, _ = x.shape
+    hd = config.head_dim
+    h = layers.rms_norm(x, p["input_norm"], config.rms_norm_eps)
+    attn = p["attn"]
+    q = layers.linear(h, attn["q_proj"]["kernel"], attn["q_proj"].get("bias")).reshape(batch, length, -1, hd)
+    k = layers.linear(h, attn["k_proj"]["kernel"], attn["k_proj"].get("bias")).reshape(batch, length, -1, hd)
+    v = layers.linear(h, attn["v_proj"]["kernel"], attn["v_proj"].get("bias")).reshape(batch, length, -1, hd)
+    q = layers.apply_rotary(layers.rms_norm(q, attn["q_norm"], config.rms_norm_eps), cos, sin)
+    k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
+    if kv is not None:
+        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
+        k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        new_kv = (k_cache, v_cache)
+    else:
+        k_all, v_all = k, v
+        new_kv = (k, v)
+    out = layers.attention(q, k_all, v_all, mask, hd**-0.5).reshape(batch, length, -1)
+    x = x + layers.linear(out, attn["o_proj"]["kernel"], attn["o_proj"].get("bias"))
+    h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)
+    mlp = p["mlp"]
+    act = layers.activation(config.hidden_act)
+    gate = act(layers.linear(h, mlp["gate_proj"]["kernel"]))
+    h = layers.linear(gate * layers.linear(h, mlp["up_proj"]["kernel"]), mlp["down_proj"]["kernel"])
+    return x + h, new_kv
+
+
+def embed_tokens(config: ModelConfig, params, input_ids, image_embeds=None):
+    """Token embeddings [B, T, D] with image pads replaced by image_embeds [N_img, D] in order."""
+    x = params["text"]["embed"].astype(config.compute_dtype)[input_ids]
+    if image_embeds is None:
+        return x, None
+    is_image = input_ids == config.image_token_id
+    index = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    index = jnp.clip(index, 0, image_embeds.shape[0] - 1)
+    x = jnp.where(is_image[..., None], image_embeds.astype(x.dtype)[index], x)
+    return x, (is_image, index)
+
+
+def lm_head_kernel(config: ModelConfig, params):
+    """[D, V] output projection (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["text"]["embed"].T
+    return params["lm_head"]["kernel"]
+
+
+def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None, deepstack=None,
+            cache: KVCache | None = None, write_index=None, return_kv: bool = False):
+    """Runs all layers (scan) and the final norm. x [B, T, D] -> (hidden [B, T, D], kv or None).
+
+    DeepStack: after layer i < n_ds, deepstack[i] is added at the image positions
+    (`image_slots` = (is_image [B, T], index [B, T]) from `embed_tokens`).
+    """
+    tc = config.text
+    n_ds = 0 if deepstack is None else deepstack.shape[0]
+
+    def body(h, xs):
+        p, i, kv = xs
+        h, new_kv = decoder_layer(tc, p, h, cos, sin, mask, kv, write_index)
+        if n_ds:
+            is_image, index = image_slots
+            extra = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
+            add = jnp.where(is_image[..., None] & (i < n_ds), extra.astype(h.dtype)[index], 0)
+            h = h + add
+        return h, (new_kv if (return_kv or cache is not None) else None)
+
+    layer_ids = jnp.arange(tc.num_hidden_layers)
+    kv_in = None if cache is None else (cache.k, cache.v)
+    x, kv = jax.lax.scan(body, x, (params["text"]["layers"], layer_ids, kv_in))
+    x = layers.rms_norm(x, params["text"]["norm"], tc.rms_norm_eps)
+    return x, kv
