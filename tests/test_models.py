@@ -1,0 +1,150 @@
+"""Qwen3-VL port vs transformers (torch, CPU, float32): logits, checkpoints, compile counts."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hf_utils as H
+from vlcal_jax import models
+
+CONFIGS = {
+    # untied, GQA 4:1, DeepStack on the first two ViT blocks
+    "untied_gqa4": dict(tie=False, heads=4, kv_heads=1, deepstack=(0, 1)),
+    # tied, MHA 1:1, DeepStack on later blocks (last one = final block)
+    "tied_mha": dict(tie=True, heads=4, kv_heads=4, deepstack=(1, 2)),
+    # untied, GQA 2:1, one DeepStack layer, larger position table, other rope split
+    "untied_gqa2_ds1": dict(tie=False, heads=4, kv_heads=2, deepstack=(1,), pos_embeddings=36, mrope=(4, 2, 2)),
+}
+TOL = 1e-4
+
+
+def _close(ours, ref, mask):
+    valid = np.asarray(mask).astype(bool)
+    err = np.abs(np.asarray(ours) - ref)[valid].max()
+    assert err <= TOL * np.abs(ref[valid]).max(), f"max |ours - HF| = {err}"
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    cfg = H.tiny_hf_config(**CONFIGS[request.param])
+    model = H.make_hf_model(cfg, seed=len(request.param))
+    path = str(tmp_path_factory.mktemp(request.param))
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_logits_match_hf_with_images_padding_and_text_rows(hf_checkpoint):
+    model, path = hf_checkpoint
+    config, params = models.from_pretrained(path)
+    rng = np.random.default_rng(1)
+    grids = [(1, 4, 6), (1, 8, 4), (1, 2, 2)]
+    # row 0: one image; row 1: two images of different sizes; row 2: text only (left padded)
+    ids, mask, pv, grid = H.make_batch(rng, grids, [[0], [1, 2], []], patch_dim=config.vision.patch_dim)
+    assert (mask == 0).any(), "batch must contain left padding"
+    ref = H.hf_logits(model, ids, mask, pv, grid)
+    _close(models.forward(config, params, ids, mask, pv, grid), ref, mask)
+
+
+def test_text_only_batch_matches_hf(hf_checkpoint):
+    model, path = hf_checkpoint
+    config, params = models.from_pretrained(path)
+    ids = np.random.default_rng(2).integers(1, 300, size=(2, 9))
+    mask = np.ones_like(ids)
+    _close(models.forward(config, params, ids, mask), H.hf_logits(model, ids, mask), mask)
+
+
+def test_round_trip_ours_to_hf(tmp_path):
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    cfg = H.tiny_hf_config(tie=False, kv_heads=2, deepstack=(0, 2))
+    config = models.ModelConfig.from_hf_dict(cfg.to_dict())
+    params = models.init_params(config, jax.random.key(3), std=0.05)
+    out = str(tmp_path / "ours")
+    models.save_pretrained(config, params, out)
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    rng = np.random.default_rng(4)
+    grids = [(1, 4, 4), (1, 6, 2)]
+    ids, mask, pv, grid = H.make_batch(rng, grids, [[0, 1], []], patch_dim=config.vision.patch_dim)
+    _close(models.forward(config, params, ids, mask, pv, grid), H.hf_logits(hf, ids, mask, pv, grid), mask)
+    # and back: our loader reads what we wrote, bit for bit
+    _, again = models.from_pretrained(out)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
+
+
+def test_sharded_checkpoints_load_both_ways(tmp_path):
+    cfg = H.tiny_hf_config(tie=True)
+    model = H.make_hf_model(cfg, seed=5)
+    hf_dir = str(tmp_path / "hf_sharded")
+    model.save_pretrained(hf_dir, max_shard_size="50KB")
+    assert os.path.exists(os.path.join(hf_dir, "model.safetensors.index.json"))
+    config, params = models.from_pretrained(hf_dir)
+    rng = np.random.default_rng(6)
+    ids, mask, pv, grid = H.make_batch(rng, [(1, 4, 4)], [[0]], patch_dim=config.vision.patch_dim)
+    _close(models.forward(config, params, ids, mask, pv, grid), H.hf_logits(model, ids, mask, pv, grid), mask)
+
+    ours_dir = str(tmp_path / "ours_sharded")
+    models.save_pretrained(config, params, ours_dir, max_shard_bytes=40_000)
+    with open(os.path.join(ours_dir, "model.safetensors.index.json")) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    _, again = models.from_pretrained(ours_dir)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
+
+
+def test_forward_compiles_once_per_bucket():
+    cfg = H.tiny_hf_config()
+    config = models.ModelConfig.from_hf_dict(cfg.to_dict())
+    params = models.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(7)
+    # Different image sizes, same padded length and same patch bucket -> one compilation.
+    a = H.make_batch(rng, [(1, 4, 6)], [[0], []], patch_dim=config.vision.patch_dim, length=24)
+    b = H.make_batch(rng, [(1, 2, 8)], [[], [0]], patch_dim=config.vision.patch_dim, length=24)
+    before = models.apply_jit._cache_size()
+    models.forward(config, params, *a).block_until_ready()
+    models.forward(config, params, *b).block_until_ready()
+    assert models.apply_jit._cache_size() - before == 1
+
+
+def test_bad_checkpoint_errors_name_the_problem(tmp_path):
+    cfg = H.tiny_hf_config()
+    model = H.make_hf_model(cfg)
+    path = str(tmp_path / "ckpt")
+    model.save_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    hf["text_config"]["num_hidden_layers"] = 4  # checkpoint has 3 layers
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(ValueError, match=r"Missing \(\d+\).*layers\.3\."):
+        models.from_pretrained(path)
+    hf["model_type"], hf["architectures"] = "llava", ["LlavaForConditionalGeneration"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(ValueError, match="Qwen3-VL"):
+        models.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="Download"):
+        models.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_image_pad_count_mismatch_is_a_clear_error():
+    config = models.ModelConfig.from_hf_dict(H.tiny_hf_config().to_dict())
+    rng = np.random.default_rng(8)
+    ids, mask, pv, grid = H.make_batch(rng, [(1, 4, 4)], [[0]], patch_dim=config.vision.patch_dim)
+    with pytest.raises(ValueError, match="image_pad"):
+        models.prepare_inputs(config, ids, mask, pv, np.array([[1, 4, 8]]))
+
+
+def test_bfloat16_params_run_and_stay_close(hf_checkpoint):
+    model, path = hf_checkpoint
+    config, params = models.from_pretrained(path, dtype=jnp.bfloat16)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+    rng = np.random.default_rng(9)
+    ids, mask, pv, grid = H.make_batch(rng, [(1, 4, 4)], [[0]], patch_dim=config.vision.patch_dim)
+    ours = np.asarray(models.forward(config, params, ids, mask, pv, grid))
+    ref = H.hf_logits(model, ids, mask, pv, grid)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - ref)[mask.astype(bool)].max() < 0.05 * np.abs(ref).max()
