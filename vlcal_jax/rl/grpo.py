@@ -1,0 +1,222 @@
+"""GRPO advantages, token-level advantage reweighting, perception filter and policy loss.
+
+PAPER.md sections 5 (advantages, TAR, perception filter) and 6 (clipped surrogate with dual
+clip, k3 reference KL, token-mean aggregation). Everything is pure and jittable: masks
+instead of boolean indexing, static shapes. Names: N responses, T response tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from vlcal_jax.rl.certainty import k3_from_logprobs, token_certainty
+
+__all__ = [
+    "group_advantages",
+    "token_advantages",
+    "k3_from_logprobs",
+    "token_advantage_weights",
+    "tar_weights_paper",
+    "perception_mask",
+    "low_var_kl",
+    "policy_loss",
+]
+
+ADV_EPS = 1e-6  # A = (R - mean) / (std + 1e-6), section 5.
+# ceil(top_p * L) is taken after subtracting this, so that float round-off in top_p * L
+# (e.g. 0.2 * 15 = 3.0000000000000004) cannot add a token: the intent is the exact ceiling.
+_CEIL_TOLERANCE = 1e-4
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def group_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+    """GRPO advantages: rewards [N] -> [N] (PAPER.md section 5).
+
+    Groups are consecutive rows: group g is rows g*n .. g*n+n-1 with n = group_size.
+    A_i = (R_i - mean_g) / (std_g + 1e-6), std with Bessel's correction. A group whose rewards
+    are all equal gets exactly 0 (not round-off of R - mean).
+    """
+    num = rewards.shape[0]
+    if group_size < 2 or num % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 2 and divide the {num} rewards")
+    grouped = rewards.astype(jnp.float32).reshape(num // group_size, group_size)
+    mean = jnp.mean(grouped, axis=1, keepdims=True)
+    std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
+    constant = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
+    adv = jnp.where(constant, 0.0, (grouped - mean) / (std + ADV_EPS))
+    return adv.reshape(num)
+
+
+@jax.jit
+def token_advantages(advantages: jax.Array, response_mask: jax.Array) -> jax.Array:
+    """Broadcasts response advantages [N] to response tokens [N, T] (0 on padding)."""
+    return advantages.astype(jnp.float32)[:, None] * response_mask.astype(jnp.float32)
+
+
+def _tar_applies(vision_mask, advantages, response_mask=None):
+    applies = vision_mask.astype(bool) & (advantages < 0)
+    if response_mask is not None:
+        applies &= response_mask.astype(bool)
+    return applies
+
+
+@jax.jit
+def token_advantage_weights(
+    token_kl: jax.Array,
+    token_entropy: jax.Array,
+    response_mask: jax.Array,
+    vision_mask: jax.Array,
+    advantages: jax.Array,
+    w_min: float = 0.9,
+    w_max: float = 1.1,
+) -> jax.Array:
+    """TAR token weights, released form (PAPER.md section 5): all inputs [N, T] -> w [N, T].
+
+    Args:
+      token_kl: k3_t per token, already computed (`k3_from_logprobs(log p, log q)`, clamped
+        to [0, 10]) from the clean (p) and perturbed-image (q) log-probs of the sampled token.
+      token_entropy: the released entropy proxy ent_t = -log pi(o_t | I).
+      response_mask, vision_mask: valid response tokens and `<vision>`-span tokens.
+      advantages: per-token advantages A_t.
+
+    s_t = log(k3_t + 1e-8) - log(ent_t + 1e-8); z-scored within each response over all its
+    valid tokens (unbiased std; z = 0 if std < 1e-6 or only one token); S_t = sigmoid(z);
+    w_t = w_max - (w_max - w_min) * S_t. The weight is used only where the token is a valid
+    vision-span token with A_t < 0; everywhere else w_t = 1.
+    """
+    certainty = token_certainty(token_kl, token_entropy, response_mask)
+    weights = w_max - (w_max - w_min) * certainty
+    return jnp.where(_tar_applies(vision_mask, advantages, response_mask), weights, 1.0)
+
+
+@jax.jit
+def tar_weights_paper(
+    token_certainty: jax.Array, vision_mask: jax.Array, advantages: jax.Array, lambda_tar: float = 0.1
+) -> jax.Array:
+    """TAR factor, paper form (PAPER.md section 5): [N, T] -> [N, T].
+
+    A_t <- A_t * (1 + lambda_TAR * (1 - 2 S_t)) on vision-span tokens with A_t < 0; returns
+    the factor (1 elsewhere). `vision_mask` must already exclude padding. With
+    lambda_TAR = 0.1 it equals the released weight for w_min = 0.9, w_max = 1.1.
+    """
+    factor = 1.0 + lambda_tar * (1.0 - 2.0 * token_certainty.astype(jnp.float32))
+    return jnp.where(_tar_applies(vision_mask, advantages), factor, 1.0)
+
+
+@jax.jit
+def perception_mask(token_kl: jax.Array, response_mask: jax.Array, top_p: float = 0.2) -> jax.Array:
+    """Perception filter (PAPER.md section 5): token_kl, response_mask [N, T] -> keep [N, T] bool.
+
+    Per response with L valid tokens, keeps the ceil(top_p * L) valid tokens with the largest
+    k3_t. Ties are broken by position: the earlier token ranks higher. Jittable: a stable
+    argsort gives every token its rank, no dynamic shapes.
+    """
+    valid = response_mask.astype(bool)
+    length = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+    keep_count = jnp.ceil(top_p * length - _CEIL_TOLERANCE)
+    # 0 - x (not -x) so that k3 values 0.0 and -0.0 get the same key and tie by position.
+    key = jnp.where(valid, 0.0 - token_kl.astype(jnp.float32), jnp.inf)
+    order = jnp.argsort(key, axis=-1, stable=True)  # best first; equal keys keep index order
+    positions = jnp.broadcast_to(jnp.arange(key.shape[-1]), key.shape)
+    rank = jnp.zeros_like(order).at[jnp.arange(key.shape[0])[:, None], order].set(positions)
+    return valid & (rank < keep_count)
+
+
+@jax.jit
+def low_var_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Reference KL per token, k3 / verl "low_var_kl" (PAPER.md section 6): [N, T] -> [N, T].
+
+    kl = clamp(ref_logp - logp, -20, 20); kld = exp(kl) - kl - 1, clamped to [-10, 10].
+    """
+    return k3_from_logprobs(logp, ref_logp, clamp_min=-10.0, clamp_max=10.0)
+
+
+@jax.jit
+def policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array,
+    advantages: jax.Array,
+    response_mask: jax.Array,
+    pg_mask: jax.Array | None = None,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    dual_clip: float = 3.0,
+    kl_coef: float = 1e-4,
+    kl_clamp: float = 10.0,
+    num_tokens: jax.Array | float | None = None,
+    num_pg_tokens: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict]:
+    """Clipped-surrogate GRPO loss with dual clip and k3 reference KL (PAPER.md section 6).
+
+    Args (all [N, T]):
+      logp, old_logp, ref_logp: log-probs of the sampled tokens under the policy being
+        trained, the rollout policy and the reference policy.
+      advantages: per-token (effective, after TAR) advantages A_t.
+      response_mask: valid response tokens.
+      pg_mask: tokens the policy-gradient term averages over (the perception filter);
+        None means response_mask.
+      num_tokens: global count of response tokens (sharded or micro-batched updates divide by
+        the whole batch); default: the count in this call.
+      num_pg_tokens: global count of pg_mask tokens; default: num_tokens when pg_mask is None,
+        else the count in this call.
+
+    Per token, with r = exp(clamp(logp - old_logp, -20, 20)):
+      l1 = -A r,  l2 = -A clip(r, 1 - clip_low, 1 + clip_high),  l = max(l1, l2);
+      for A < 0 (dual clip): l = min(l, -A dual_clip).
+      kl = clamp(ref_logp - logp, -20, 20); k = clamp(exp(kl) - kl - 1, -kl_clamp, kl_clamp).
+    loss = sum(l * pg_mask) / num_pg_tokens + kl_coef * sum(k * response_mask) / num_tokens.
+
+    Returns (loss scalar, metrics). Metrics are token means over this call's response tokens:
+    pg_loss, ref_kl, clipfrac_low (A < 0 and r < 1 - clip_low), clipfrac_high (A > 0 and
+    r > 1 + clip_high), dual_clip_frac (A < 0 and the -A c bound is active), ratio_mean,
+    ppo_kl (old_logp - logp), filter_keep_frac (pg tokens / response tokens), loss.
+    """
+    f32 = jnp.float32
+    logp, old_logp, ref_logp = logp.astype(f32), old_logp.astype(f32), ref_logp.astype(f32)
+    advantages = advantages.astype(f32)
+    resp = response_mask.astype(f32)
+    pg = resp if pg_mask is None else pg_mask.astype(f32) * resp
+    local_tokens = jnp.sum(resp)
+    if num_tokens is None:
+        num_tokens = local_tokens
+    if num_pg_tokens is None:
+        num_pg_tokens = num_tokens if pg_mask is None else jnp.sum(pg)
+    num_tokens = jnp.maximum(jnp.asarray(num_tokens, f32), 1.0)
+    num_pg_tokens = jnp.maximum(jnp.asarray(num_pg_tokens, f32), 1.0)
+
+    log_ratio = logp - old_logp
+    ratio = jnp.exp(jnp.clip(log_ratio, -20.0, 20.0))
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_ppo = jnp.maximum(loss_unclipped, loss_clipped)
+    loss_dual = -advantages * dual_clip
+    negative = advantages < 0
+    per_token = jnp.where(negative, jnp.minimum(loss_ppo, loss_dual), loss_ppo)
+
+    ref_kl = k3_from_logprobs(logp, ref_logp, clamp_min=-kl_clamp, clamp_max=kl_clamp)
+
+    pg_loss = jnp.sum(jnp.where(pg > 0, per_token, 0.0)) / num_pg_tokens
+    kl_loss = jnp.sum(jnp.where(resp > 0, ref_kl, 0.0)) / num_tokens
+    loss = pg_loss + kl_coef * kl_loss
+
+    def token_mean(x):
+        return jnp.sum(jnp.where(resp > 0, x.astype(f32), 0.0)) / jnp.maximum(local_tokens, 1.0)
+
+    metrics = {
+        "loss": loss,
+        "pg_loss": pg_loss,
+        "ref_kl": kl_loss,
+        "clipfrac_low": token_mean(negative & (ratio < 1.0 - clip_low)),
+        "clipfrac_high": token_mean((advantages > 0) & (ratio > 1.0 + clip_high)),
+        "dual_clip_frac": token_mean(negative & (loss_ppo > loss_dual)),
+        "ratio_mean": token_mean(ratio),
+        "ppo_kl": token_mean(-log_ratio),
+        "filter_keep_frac": jnp.sum(pg) / jnp.maximum(local_tokens, 1.0),
+    }
+    return loss, metrics
+
