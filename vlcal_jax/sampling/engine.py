@@ -1,0 +1,180 @@
+"""Jitted multimodal KV-cache sampler: one prefill per prompt, n samples, `lax.while_loop` decode.
+
+KV cache memory (per generate call, compute dtype bytes `s`):
+    2 * num_layers * (B * n) * (T_prompt + max_new_tokens) * num_kv_heads * head_dim * s
+e.g. Qwen3-VL-4B (36 layers, 8 KV heads, head_dim 128), bf16, one prompt x 8 samples x
+(1024 + 4096) tokens: 2*36*8*5120*8*128*2 = 6.0 GB; see README "Sampling memory".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlcal_jax.models import qwen3_vl, text
+from vlcal_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class SampleOutput(NamedTuple):
+    """tokens int32 [B*n, M] (pad after EOS); logprobs [B*n, M] of each token under the sampling
+    distribution (temperature / top-k / top-p applied; 0 for greedy); policy_logprobs [B*n, M]
+    under the untempered policy; lengths int32 [B*n] (EOS included); finished bool [B*n].
+    Rows of one prompt are adjacent: prompt g owns rows g*n .. g*n+n-1."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    policy_logprobs: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+
+
+def filter_logits(logits, temperature, top_k: int, top_p):
+    """Scaled and filtered logits [..., V] (-inf outside the top-k / nucleus). The nucleus keeps
+    the smallest prefix of the sorted distribution whose mass reaches top_p (at least 1 token)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p):
+    """-> (token [N], sampling logprob [N], policy logprob [N]) from logits [N, V]."""
+    policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+        sample_lp = jnp.zeros(token.shape, jnp.float32)
+    else:
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        token = jax.random.categorical(key, filtered, axis=-1)
+        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
+    policy_lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), sample_lp, policy_lp
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "n", "greedy", "top_k", "eos_token_ids",
+                                             "pad_token_id"))
+def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temperature, top_p, *,
+                         max_new_tokens: int, n: int, greedy: bool, top_k: int, eos_token_ids: tuple[int, ...],
+                         pad_token_id: int) -> SampleOutput:
+    """The whole rollout as one compiled program (see `generate` for the arguments)."""
+    batch, prompt_len = inputs.input_ids.shape
+    rows = batch * n
+    total = prompt_len + max_new_tokens
+    hidden, kv = qwen3_vl.apply(config, params, inputs, return_hidden=True, return_kv=True)
+    last_logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, -1])  # [B, V]
+
+    cache_dtype = config.compute_dtype
+    pad = [(0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
+    k = jnp.pad(jnp.repeat(kv[0].astype(cache_dtype), n, axis=1), pad)
+    v = jnp.pad(jnp.repeat(kv[1].astype(cache_dtype), n, axis=1), pad)
+    valid = jnp.pad(jnp.repeat(inputs.attention_mask > 0, n, axis=0), [(0, 0), (0, max_new_tokens)])
+    next_position = jnp.repeat(inputs.next_position, n)
+    eos = jnp.asarray(eos_token_ids, jnp.int32)
+
+    rng, key = jax.random.split(rng)
+    token, slp, plp = _choose(jnp.repeat(last_logits, n, axis=0), key, greedy, temperature, top_k, top_p)
+    tokens = jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+    sample_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp)
+    policy_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp)
+    done = jnp.isin(token, eos)
+    lengths = jnp.ones((rows,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, _, _, done, _, _ = state
+        return (step < max_new_tokens - 1) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, sample_lps, policy_lps, k, v, done, lengths, rng = state
+        write = prompt_len + step
+        valid_now = valid | (jnp.arange(total)[None, :] < write + 1) & (jnp.arange(total)[None, :] >= prompt_len)
+        x = params["text"]["embed"].astype(cache_dtype)[tokens[:, step]][:, None]
+        pos = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
+        cos, sin = text.mrope_cos_sin(pos, config.text)
+        hidden, (k, v) = text.decoder(config, params, x, cos, sin, valid_now[:, None, :],
+                                      cache=text.KVCache(k, v, valid_now), write_index=write)
+        logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, 0])
+        rng, key = jax.random.split(rng)
+        token, slp, plp = _choose(logits, key, greedy, temperature, top_k, top_p)
+        active = ~done
+        token = jnp.where(active, token, pad_token_id)
+        tokens = tokens.at[:, step + 1].set(token)
+        sample_lps = sample_lps.at[:, step + 1].set(jnp.where(active, slp, 0.0))
+        policy_lps = policy_lps.at[:, step + 1].set(jnp.where(active, plp, 0.0))
+        lengths = lengths + active.astype(jnp.int32)
+        done = done | (active & jnp.isin(token, eos))
+        return step + 1, tokens, sample_lps, policy_lps, k, v, done, lengths, rng
+
+    state = (jnp.int32(0), tokens, sample_lps, policy_lps, k, v, done, lengths, rng)
+    _, tokens, sample_lps, policy_lps, _, _, done, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(tokens, sample_lps, policy_lps, lengths, done)
+
+
+def bucket_length(length: int, buckets=DEFAULT_LENGTH_BUCKETS) -> int:
+    for b in buckets:
+        if b >= length:
+            return b
+    raise ValueError(f"prompt length {length} exceeds the largest length bucket {buckets[-1]}; "
+                     "raise max_prompt_length buckets or shorten the prompt")
+
+
+def left_pad(input_ids, attention_mask, length: int, pad_token_id: int):
+    """Left-pads [B, T] arrays to [B, length]."""
+    extra = length - input_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad length {input_ids.shape[1]} down to {length}")
+    ids = np.pad(np.asarray(input_ids), ((0, 0), (extra, 0)), constant_values=pad_token_id)
+    return ids, np.pad(np.asarray(attention_mask), ((0, 0), (extra, 0)))
+
+
+def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
+             rng=None, eos_token_ids=(), pad_token_id: int = 0, length_buckets=DEFAULT_LENGTH_BUCKETS,
+             patch_bucket: int | None = None) -> SampleOutput:
+    """Samples `n` continuations of each processor-format prompt (see models.prepare_inputs).
+
+    temperature == 0 is greedy. Prompts are left-padded to a length bucket and patches to a
+    patch bucket, so repeated calls with the same buckets reuse one compiled program.
+    """
+    if max_new_tokens < 1 or n < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and n={n} must be >= 1")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    mask = np.ones_like(np.asarray(input_ids)) if attention_mask is None else attention_mask
+    length = bucket_length(np.asarray(input_ids).shape[1], length_buckets) if length_buckets else None
+    if length:
+        input_ids, mask = left_pad(input_ids, mask, length, pad_token_id)
+    inputs = qwen3_vl.prepare_inputs(config, input_ids, mask, pixel_values, image_grid_thw, patch_bucket=patch_bucket)
+    rng = jax.random.key(0) if rng is None else rng
+    greedy = temperature == 0
+    before = generate_from_inputs._cache_size()
+    out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
+                               max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
+                               eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id)
+    if generate_from_inputs._cache_size() > before:
+        log.info("compiled generate: batch=%d length=%d patches=%s n=%d max_new_tokens=%d (%d programs)",
+                 inputs.input_ids.shape[0], inputs.input_ids.shape[1],
+                 None if inputs.vision is None else inputs.vision.pixel_values.shape[0], n, max_new_tokens,
+                 generate_from_inputs._cache_size())
+    return out
+
+
+def compile_count() -> int:
+    """How many generate programs have been compiled in this process."""
+    return generate_from_inputs._cache_size()
