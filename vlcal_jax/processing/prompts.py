@@ -7,7 +7,7 @@ image's `<|image_pad|>` already repeated once per merged patch, ready to tokenis
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -94,18 +94,21 @@ def _is_image(item: dict[str, Any]) -> bool:
     return item.get("type") == "image" or "image" in item or "image_url" in item
 
 
-def _render_content(content: Any, role: str, grids: np.ndarray, merge_size: int,
-                    image_index: list[int]) -> str:
+def _image_items(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if message.get("role") != "user" or isinstance(content, str) or not content:
+        return []
+    return [item for item in content if _is_image(item)]
+
+
+def _render_content(content: Any, role: str, token_counts: Iterator[int]) -> str:
+    """Text of one message; in user messages each image becomes its expanded pad run."""
     if isinstance(content, str):
         return content
     pieces = []
     for item in content:
         if role == "user" and _is_image(item):
-            index = image_index[0]
-            if index >= len(grids):
-                raise ValueError(f"the messages hold more images than the {len(grids)} grids given")
-            pieces.append(VISION_START + IMAGE_PAD * num_image_tokens(grids[index], merge_size) + VISION_END)
-            image_index[0] += 1
+            pieces.append(VISION_START + IMAGE_PAD * next(token_counts) + VISION_END)
         elif role == "user" and (item.get("type") == "video" or "video" in item):
             raise ValueError("video content is not supported; pass images")
         elif "text" in item:
@@ -123,20 +126,21 @@ def render_prompt(messages: Sequence[dict[str, Any]], grid_thw_list: Any, merge_
     [{"type": "text"|"image", ...}] content, as the template does.
     """
     grids = np.asarray(grid_thw_list, dtype=np.int64).reshape(-1, 3)
-    image_index = [0]
+    num_images = sum(len(_image_items(message)) for message in messages)
+    if num_images != len(grids):
+        raise ValueError(
+            f"the messages hold {num_images} images but {len(grids)} grids were given; "
+            "pass one image_grid_thw row per image")
+    token_counts = iter(num_image_tokens(grids, merge_size).tolist())
     parts = []
     for position, message in enumerate(messages):
         role = message.get("role")
-        text = _render_content(message.get("content", ""), role, grids, merge_size, image_index)
         if role == "system" and position != 0:
             raise ValueError(f"messages[{position}]: a system message must come first")
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"messages[{position}]: role {role!r} is not supported (system, user, assistant)")
+        text = _render_content(message.get("content", ""), role, token_counts)
         parts.append(f"<|im_start|>{role}\n{text}<|im_end|>\n")
-    if image_index[0] != len(grids):
-        raise ValueError(
-            f"the messages hold {image_index[0]} images but {len(grids)} grids were given; "
-            "pass one image_grid_thw row per image")
     if add_generation_prompt:
         parts.append("<|im_start|>assistant\n")
     return "".join(parts)

@@ -7,8 +7,8 @@ import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, \
-    processors, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors, trainers)
 
 from vlcal_jax.processing.chat_template import QWEN3_VL_CHAT_TEMPLATE
 
