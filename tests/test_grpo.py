@@ -1,5 +1,6 @@
 """GRPO advantages, TAR, perception filter, policy loss and the loss registry (PAPER.md 5-6)."""
 
+import functools
 import math
 
 import jax
@@ -192,7 +193,8 @@ def test_policy_loss_hand_computed():
     loss, m = grpo.policy_loss(logp, old, logp, adv, response, kl_coef=0.5)
     np.testing.assert_allclose(float(loss), (-1.3 + 3.0 + 0.8) / 3, **TOL)
     np.testing.assert_allclose(float(m["ref_kl"]), 0.0, atol=1e-7)
-    np.testing.assert_allclose([float(m[k]) for k in ("clipfrac_high", "clipfrac_low", "dual_clip_frac")], [1 / 3] * 3, **TOL)
+    fractions = [float(m[k]) for k in ("clipfrac_high", "clipfrac_low", "dual_clip_frac")]
+    np.testing.assert_allclose(fractions, [1 / 3] * 3, **TOL)
     np.testing.assert_allclose(float(m["ratio_mean"]), (1.5 + 5.0 + 0.5) / 3, **TOL)
     # Reference KL: ref - logp = log 2 on one token -> k3 = 1 - log 2, times kl_coef.
     loss2, m2 = grpo.policy_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.log(jnp.full((1, 1), 2.0)),
@@ -245,6 +247,11 @@ def test_registry_names_and_unknown_name():
         losses.register("grpo")(lambda *a: a)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_loss(name):
+    return jax.jit(lambda s, a, r, v: losses.get(name)(s, a, r, v, None))
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_registry_entries_match_reference(seed):
     stats, adv, response, vision = _registry_inputs(seed)
@@ -262,8 +269,7 @@ def test_registry_entries_match_reference(seed):
     }
     affected = response & vision & (adv < 0)
     for name, (eff_expected, mask_expected) in expected.items():
-        fn = jax.jit(lambda s, a, r, v, f=losses.get(name): f(s, a, r, v, None))
-        eff, mask, metrics = fn(stats, adv, response, vision)
+        eff, mask, metrics = _jitted_loss(name)(stats, adv, response, vision)
         np.testing.assert_allclose(np.asarray(eff), eff_expected, err_msg=name, **TOL)
         np.testing.assert_array_equal(np.asarray(mask), mask_expected, err_msg=name)
         weights = (eff_expected / np.where(adv == 0, 1, adv))[affected]
@@ -283,4 +289,5 @@ def test_registry_reads_config_numbers():
     eff, _, _ = losses.get("vl_calibration_paper")(stats, adv, response, vision, {"lambda_tar": 0.4})
     certainty = np.stack([ref.token_certainty_row(stats["kl"][i], stats["entropy"][i], response[i])
                           for i in range(len(adv))])
-    np.testing.assert_allclose(np.asarray(eff), adv * ref.tar_weights_paper(certainty, vision & response, adv, 0.4), **TOL)
+    paper = ref.tar_weights_paper(certainty, vision & response, adv, 0.4)
+    np.testing.assert_allclose(np.asarray(eff), adv * paper, **TOL)

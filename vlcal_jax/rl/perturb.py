@@ -14,6 +14,7 @@ vision tower sees, and all Tp temporal copies of a patch are blacked out togethe
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -33,7 +34,8 @@ def _per_channel(values: Sequence[float]) -> np.ndarray:
 
 def normalized_pixel(pixel: float, mean=QWEN3_VL_MEAN, std=QWEN3_VL_STD) -> np.ndarray:
     """The normalised value [C] of a 0..255 pixel value in every channel."""
-    return (np.float32(pixel) / np.float32(255.0) - _per_channel(mean)) / _per_channel(std)
+    value = (pixel / 255.0 - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)
+    return value.astype(np.float32)
 
 
 def _row(per_channel: np.ndarray | jax.Array, row_dim: int) -> jax.Array:
@@ -93,7 +95,7 @@ def grey_mask(pixel_values: jax.Array, value: float = 128.0, mean=QWEN3_VL_MEAN,
     return jnp.broadcast_to(row, pixel_values.shape).astype(pixel_values.dtype)
 
 
-def _image_sizes(grid_thw: GridThw, patch_size: int, merge_size: int):
+def _image_sizes(grid_thw: GridThw, merge_size: int):
     sizes = []
     for t, gh, gw in grid_thw:
         if gh % merge_size or gw % merge_size:
@@ -111,25 +113,31 @@ def patches_to_images(
     """
     m, p, tp = merge_size, patch_size, temporal_patch_size
     channels = pixel_values.shape[1] // (tp * p * p)
+    sizes = _image_sizes(grid_thw, m)
+    total = sum(t * gh * gw for t, gh, gw in sizes)
+    if total != pixel_values.shape[0]:
+        raise ValueError(f"grid_thw covers {total} patches but pixel_values has {pixel_values.shape[0]} rows")
     images, start = [], 0
-    for t, gh, gw in _image_sizes(grid_thw, p, m):
+    for t, gh, gw in sizes:
         rows = pixel_values[start : start + t * gh * gw]
         start += t * gh * gw
         x = rows.reshape(t, gh // m, gw // m, m, m, channels, tp, p, p)
         x = x.transpose(0, 6, 5, 1, 3, 7, 2, 4, 8)  # (t, Tp, C, gh/m, m, P, gw/m, m, P)
         images.append(x.reshape(t * tp, channels, gh * p, gw * p))
-    if start != pixel_values.shape[0]:
-        raise ValueError(f"grid_thw covers {start} patches but pixel_values has {pixel_values.shape[0]}")
     return images
 
 
 def images_to_patches(
-    images: Sequence[jax.Array], grid_thw: GridThw, merge_size: int = 2, patch_size: int = 16, temporal_patch_size: int = 2
+    images: Sequence[jax.Array],
+    grid_thw: GridThw,
+    merge_size: int = 2,
+    patch_size: int = 16,
+    temporal_patch_size: int = 2,
 ) -> jax.Array:
     """The processor's patchify: per image [t*Tp, C, H, W] -> [num_patches, C*Tp*P*P]."""
     m, p, tp = merge_size, patch_size, temporal_patch_size
     rows = []
-    for image, (t, gh, gw) in zip(images, _image_sizes(grid_thw, p, m)):
+    for image, (t, gh, gw) in zip(images, _image_sizes(grid_thw, m)):
         channels = image.shape[1]
         x = image.reshape(t, tp, channels, gh // m, m, p, gw // m, m, p)
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/m, gw/m, m, m, C, Tp, P, P)
@@ -189,14 +197,30 @@ PERTURBATIONS = {
 }
 
 
+def _freeze(value):
+    """Hashable copy of a perturbation option (lists and arrays become nested tuples)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@functools.partial(jax.jit, static_argnames=("k", "kind", "options"))
+def _perturb_k(pixel_values, rng, k, kind, options):
+    fn = functools.partial(PERTURBATIONS[kind], **dict(options))
+    return jax.vmap(lambda key: fn(pixel_values, key))(jax.random.split(rng, k))
+
+
 def perturb_k(pixel_values: jax.Array, rng: jax.Array, k: int, kind: str = "blackout", **kwargs) -> jax.Array:
     """K independent perturbations: [num_patches, D] -> [K, num_patches, D].
 
     `kind` is one of "blackout" (default, the paper's choice), "noise", "blur", "grey";
-    `kwargs` go to that function (blur needs grid_thw). Perturbation i uses
-    jax.random.split(rng, k)[i], so the result is a pure function of (pixel_values, rng).
+    `kwargs` go to that function (blur needs grid_thw) and are static (compiled in).
+    Perturbation i uses jax.random.split(rng, k)[i], so the result is a pure function of
+    (pixel_values, rng).
     """
     if kind not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {kind!r}; choose one of {sorted(PERTURBATIONS)}")
-    fn = PERTURBATIONS[kind]
-    return jax.vmap(lambda key: fn(pixel_values, key, **kwargs))(jax.random.split(rng, k))
+    options = tuple(sorted((name, _freeze(value)) for name, value in kwargs.items()))
+    return _perturb_k(pixel_values, rng, k=k, kind=kind, options=options)
