@@ -27,7 +27,7 @@ __all__ = [
 
 ADV_EPS = 1e-6  # A = (R - mean) / (std + 1e-6), section 5.
 # ceil(top_p * L) is taken after subtracting this, so that float round-off in top_p * L
-# (e.g. 0.2 * 15 = 3.0000000000000004) cannot add a token: the intent is the exact ceiling.
+# (0.2 * 15 is 3.0000000000000004 in float64) cannot add a token: the intent is the exact ceiling.
 _CEIL_TOLERANCE = 1e-4
 
 
