@@ -1,0 +1,222 @@
+"""Reward functions by name (PAPER.md sections 3 and 4), host-side NumPy.
+
+`get(name)` returns a batch function
+
+    fn(responses: list[str], golds: list[str], *, choices=None, vision_kl=None,
+       vision_entropy=None, **weights) -> dict[str, np.ndarray]
+
+whose result has "reward" [N] and every component for logging (accuracy, format, brier,
+confidences, ...; a missing value is nan). Names: "vl_calibration", "rlcr", "rlcr_vlm",
+"rlvr", "rlvr_easyr1". `register(name)` adds one. `choices` is None or one entry per
+response (None or the option list of a multiple-choice question).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from vlcal_jax.rl.format import parse_response
+from vlcal_jax.rl.grading import grade_answer
+
+RewardFn = Callable[..., dict[str, np.ndarray]]
+_REGISTRY: dict[str, RewardFn] = {}
+SOFT_LABEL_EPS = 1e-8
+SOFT_LABEL_MIN_STD = 1e-6
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a batch reward function to the registry under `name`."""
+
+    def add(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY[name].__module__}); pick another name")
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def get(name: str) -> RewardFn:
+    """The batch reward function registered as `name`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    """Registered reward names."""
+    return sorted(_REGISTRY)
+
+
+def harmonic_confidence(vision_confidence, reasoning_confidence) -> np.ndarray:
+    """Phi = 2 v r / (v + r), 0 when v or r is 0, nan when either is missing (PAPER.md section 3).
+
+    vision_confidence [N], reasoning_confidence [N] in [0, 1] (nan = missing) -> [N].
+    """
+    v = np.asarray(vision_confidence, dtype=np.float64)
+    r = np.asarray(reasoning_confidence, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        phi = np.where((v == 0.0) | (r == 0.0), 0.0, 2.0 * v * r / (v + r))
+    return np.where(np.isnan(v) | np.isnan(r), np.nan, phi)
+
+
+def brier_term(confidence, correct) -> np.ndarray:
+    """B = -(c - I)^2, and -1 where the confidence is missing (nan) (PAPER.md section 3). [N] -> [N]."""
+    c = np.asarray(confidence, dtype=np.float64)
+    i = np.asarray(correct, dtype=np.float64)
+    return np.where(np.isnan(c), -1.0, -((c - i) ** 2))
+
+
+def visual_calibration_term(vision_confidence, soft_label) -> np.ndarray:
+    """R_vis = -(v - sg(S_vis))^2, and -1 where v or the soft label is missing (PAPER.md section 3). [N] -> [N]."""
+    v = np.asarray(vision_confidence, dtype=np.float64)
+    s = np.asarray(soft_label, dtype=np.float64)
+    return np.where(np.isnan(v) | np.isnan(s), -1.0, -((v - s) ** 2))
+
+
+def visual_certainty_score(vision_kl, vision_entropy) -> np.ndarray:
+    """S = log(D_KL + eps) - log(H + eps), eps = 1e-8 (PAPER.md section 4). [N] -> [N]."""
+    kl = np.asarray(vision_kl, dtype=np.float64)
+    entropy = np.asarray(vision_entropy, dtype=np.float64)
+    return np.log(kl + SOFT_LABEL_EPS) - np.log(entropy + SOFT_LABEL_EPS)
+
+
+def soft_labels(vision_kl, vision_entropy, valid) -> np.ndarray:
+    """S_vis = sigmoid(z-score of S over the valid responses of the batch) (PAPER.md section 4).
+
+    vision_kl [N], vision_entropy [N], valid [N] bool -> [N], nan where not valid. The
+    z-score uses the population std over the valid entries; if that std is below 1e-6 every
+    z is 0 (label 0.5). Entries with a non-finite KL or entropy are treated as not valid.
+    """
+    kl = np.asarray(vision_kl, dtype=np.float64)
+    entropy = np.asarray(vision_entropy, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    if not kl.shape == entropy.shape == valid.shape or kl.ndim != 1:
+        raise ValueError(
+            f"vision_kl {kl.shape}, vision_entropy {entropy.shape} and valid {valid.shape} must all be [N]"
+        )
+    valid = valid & np.isfinite(kl) & np.isfinite(entropy)
+    labels = np.full(kl.shape, np.nan)
+    if not valid.any():
+        return labels
+    if np.any(kl[valid] < 0) or np.any(entropy[valid] < 0):
+        raise ValueError("vision_kl and vision_entropy must be >= 0 (a KL divergence and an entropy)")
+    score = visual_certainty_score(kl[valid], entropy[valid])
+    std = score.std()
+    z = np.zeros_like(score) if std < SOFT_LABEL_MIN_STD else (score - score.mean()) / std
+    labels[valid] = 1.0 / (1.0 + np.exp(-z))
+    return labels
+
+
+def _check_batch(responses, golds, choices) -> list:
+    if isinstance(responses, str) or isinstance(golds, str):
+        raise TypeError("responses and golds must be lists of strings, one per response, not a single str")
+    if len(responses) != len(golds):
+        raise ValueError(f"got {len(responses)} responses but {len(golds)} gold answers; pass one gold per response")
+    if choices is None:
+        return [None] * len(responses)
+    if len(choices) != len(responses):
+        raise ValueError(f"choices has {len(choices)} entries for {len(responses)} responses; pass one (or None) each")
+    return list(choices)
+
+
+def _grade(parsed, golds, choices) -> np.ndarray:
+    return np.array(
+        [float(p.answer is not None and grade_answer(p.answer, g, c)) for p, g, c in zip(parsed, golds, choices)]
+    )
+
+
+def _optional(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+@register("vl_calibration")
+def vl_calibration(
+    responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
+    lambda_acc: float = 1.0, lambda_cal: float = 2.0, lambda_fmt: float = 0.4, lambda_vis: float = 0.4,
+) -> dict[str, np.ndarray]:
+    """R = lambda_acc I + lambda_cal B + lambda_fmt fmt + lambda_vis R_vis (PAPER.md section 3).
+
+    vision_kl [N], vision_entropy [N]: the response's mean KL and entropy over its `<vision>`
+    tokens (section 4; nan where it has none); soft labels are computed over this batch.
+    Both may be None only with lambda_vis = 0 (R_vis is then -1 everywhere, as in the
+    released code without statistics).
+    """
+    choices = _check_batch(responses, golds, choices)
+    parsed = [parse_response(text, "decoupled") for text in responses]
+    accuracy = _grade(parsed, golds, choices)
+    fmt = np.array([float(p.format_ok) for p in parsed])
+    v = _optional(p.vision_confidence for p in parsed)
+    r = _optional(p.reasoning_confidence for p in parsed)
+    has_vision = np.array([p.has_vision for p in parsed])
+    if vision_kl is None or vision_entropy is None:
+        if lambda_vis != 0.0:
+            raise ValueError(
+                "vl_calibration needs vision_kl and vision_entropy [N] (PAPER.md section 4) to build the soft "
+                "visual labels; compute them with rl.certainty, or pass lambda_vis=0 to drop R_vis"
+            )
+        labels = np.full(len(parsed), np.nan)
+    else:
+        kl, entropy = np.asarray(vision_kl, np.float64), np.asarray(vision_entropy, np.float64)
+        if kl.shape != (len(parsed),) or entropy.shape != (len(parsed),):
+            raise ValueError(f"vision_kl {kl.shape} and vision_entropy {entropy.shape} must be [{len(parsed)}]")
+        labels = soft_labels(kl, entropy, has_vision)
+    phi = harmonic_confidence(v, r)
+    brier = brier_term(phi, accuracy)
+    r_vis = visual_calibration_term(v, labels)
+    reward = lambda_acc * accuracy + lambda_cal * brier + lambda_fmt * fmt + lambda_vis * r_vis
+    return {
+        "reward": reward, "accuracy": accuracy, "format": fmt, "brier": brier, "r_vis": r_vis,
+        "vision_confidence": v, "reasoning_confidence": r, "confidence": phi, "soft_label": labels,
+        "has_vision": has_vision, "has_confidence": ~np.isnan(phi),
+    }
+
+
+def _rlcr_parts(responses, golds, choices):
+    choices = _check_batch(responses, golds, choices)
+    parsed = [parse_response(text, "rlcr") for text in responses]
+    return parsed, _grade(parsed, golds, choices), np.array([float(p.format_ok) for p in parsed])
+
+
+@register("rlcr")
+def rlcr(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
+         lambda_cal: float = 1.0) -> dict[str, np.ndarray]:
+    """RLCR (Damani et al. 2025): R = I - (q - I)^2, q = c / 10; B = -1 when q is missing (PAPER.md section 3)."""
+    parsed, accuracy, fmt = _rlcr_parts(responses, golds, choices)
+    q = _optional(p.confidence for p in parsed)
+    brier = brier_term(q, accuracy)
+    return {"reward": accuracy + lambda_cal * brier, "accuracy": accuracy, "format": fmt, "brier": brier,
+            "confidence": q, "has_confidence": ~np.isnan(q)}
+
+
+@register("rlcr_vlm")
+def rlcr_vlm(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
+             exponent: float = 1.3, lambda_cal: float = 0.8, lambda_fmt: float = 0.4,
+             missing_confidence: float = 0.5) -> dict[str, np.ndarray]:
+    """The authors' VLM RLCR: q = clip((c/10)^1.3, 0, 1), q = 0.5 if missing; R = I + 0.8 B + 0.4 fmt (section 3)."""
+    parsed, accuracy, fmt = _rlcr_parts(responses, golds, choices)
+    raw = _optional(p.raw_confidence for p in parsed)
+    q = np.where(np.isnan(raw), missing_confidence, np.clip((raw / 10.0) ** exponent, 0.0, 1.0))
+    brier = brier_term(q, accuracy)
+    return {"reward": accuracy + lambda_cal * brier + lambda_fmt * fmt, "accuracy": accuracy, "format": fmt,
+            "brier": brier, "confidence": q, "has_confidence": ~np.isnan(raw)}
+
+
+@register("rlvr")
+def rlvr(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None) -> dict[str, np.ndarray]:
+    """RLVR: R = I (PAPER.md section 3); `format` reports the plain `<think>` + `\\boxed{}` layout."""
+    choices = _check_batch(responses, golds, choices)
+    parsed = [parse_response(text, "plain") for text in responses]
+    accuracy = _grade(parsed, golds, choices)
+    return {"reward": accuracy.copy(), "accuracy": accuracy, "format": np.array([float(p.format_ok) for p in parsed])}
+
+
+@register("rlvr_easyr1")
+def rlvr_easyr1(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
+                format_weight: float = 0.1) -> dict[str, np.ndarray]:
+    """EasyR1's default RLVR reward: (1 - w) I + w fmt_plain with w = 0.1 (PAPER.md section 3)."""
+    out = rlvr(responses, golds, choices=choices)
+    out["reward"] = (1.0 - format_weight) * out["accuracy"] + format_weight * out["format"]
+    return out
