@@ -4,6 +4,7 @@ import concurrent.futures
 import inspect
 import json
 import pathlib
+import random
 import time
 
 import pytest
@@ -146,6 +147,18 @@ def test_safe_math_values():
     for bad in ("2 3", "red", "1/0", "\\sqrt{-4}", "3!!", "(-8)^{1/3}", "x==1", "\\alpha(", "import os"):
         with pytest.raises(safe_math.MathError):
             value(bad)
+
+
+def test_random_text_never_raises_and_is_reflexive():
+    alphabet = list("0123456789+-*/^!()[]{}.,=%xyei \\") + [
+        "\\frac", "\\sqrt", "\\pi", "\\infty", "\\times", "\\text{cm}", "\\left(", "\\right)", "^\\circ", "π",
+        "−", "\\{", "\\}", "e5", "**", "\\ln", "\\boxed{", "cm", " and ", "1,000", "(A)", "B.", "'", "__", ";"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        pred = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+        gold = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        assert grade_answer(pred, gold) in (True, False)
+        assert grade_answer(pred, pred) is bool(grading.normalize_answer(pred))
 
 
 def test_grade_answer_input_handling():

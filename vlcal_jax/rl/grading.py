@@ -46,7 +46,8 @@ _UNIT_TAIL = re.compile(
 )
 _MAX_UNIT_WORDS = 6
 _CONJUNCTION = re.compile(r"\s+(?:or|and)\s+")
-_LETTER = re.compile(r"^\(?([A-Za-z])\)?[.:]?$")
+_LETTER = re.compile(r"^[(\[]?([A-Za-z])[)\]]?[.:]?$")
+_MARKDOWN_BOLD = re.compile(r"^\*\*(.+)\*\*$")
 _LETTER_PHRASE = re.compile(r"^(?:the\s+)?(?:option|choice|answer)\s*(?:is\s*)?:?\s*\(?([A-Za-z])\)?(?:[.:)]|\s|$)", re.I)
 _LETTER_THEN_TEXT = re.compile(r"^(?:\(([A-Za-z])\)|([A-Z])[.:)])\s*\S")
 _CHOICE_PREFIX = re.compile(r"^\s*\(?([A-Za-z])\)?[.:)]\s*")
@@ -93,6 +94,8 @@ def normalize_answer(text: str) -> str:
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = _DEGREES.sub("", text)
     text = " ".join(text.split())
+    bold = _MARKDOWN_BOLD.match(text)
+    text = bold.group(1) if bold else text
     return text.rstrip(".。").strip()
 
 
@@ -208,7 +211,7 @@ def _answers_equal(pred: str, gold: str, deadline: Deadline) -> bool:
         return False
     if len(gold_items) > MAX_ELEMENTS:
         return False
-    if gold_open in "([" and gold_open:
+    if gold_open in ("(", "["):
         return all(_scalar_equal(p, g, deadline) for p, g in zip(pred_items, gold_items))
     # Sets and bare comma lists (e.g. all solutions of an equation) are unordered.
     remaining = list(pred_items)
@@ -250,9 +253,8 @@ def _letter_of_text(text: str, texts: dict[str, str], deadline: Deadline) -> str
     return matches[0] if len(matches) == 1 else None
 
 
-def _grade_choice(pred: str, gold: str, choices, deadline: Deadline) -> bool | None:
-    """Multiple-choice verdict, or None when `gold` is not a choice."""
-    texts = _choice_texts(choices) if choices is not None else {}
+def _grade_choice(pred: str, gold: str, texts: dict[str, str], deadline: Deadline) -> bool | None:
+    """Multiple-choice verdict, or None when `gold` is not a choice; `texts` from `_choice_texts` ({} if none)."""
     gold_letter = _LETTER.match(gold)
     gold_letter = gold_letter.group(1) if gold_letter else None
     if gold_letter is not None and not (gold_letter.isupper() or gold_letter.upper() in texts):
@@ -285,13 +287,17 @@ def grade_answer(pred: str | None, gold: str, choices=None, *, timeout_s: float 
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
     deadline = Deadline(timeout_s)
+    texts = _choice_texts(choices) if choices is not None else {}
     try:
         pred, gold = normalize_answer(pred), normalize_answer(gold)
         if not pred or not gold:
             return False
-        verdict = _grade_choice(pred, gold, choices, deadline)
+        if pred == gold:
+            return True
+        verdict = _grade_choice(pred, gold, texts, deadline)
         if verdict is not None:
             return verdict
         return _answers_equal(pred, gold, deadline)
-    except (MathError, RecursionError, OverflowError, ValueError, ZeroDivisionError):
+    except (MathError, RecursionError, ValueError, ArithmeticError):
+        # Model text must never take a training step down: anything unparseable is simply wrong.
         return False
