@@ -261,8 +261,9 @@ def ece(confidence, correct, n_bins: int = 10, convention: str = "paper") -> flo
     - "paper" (the released evaluation code): float64 edges `np.linspace(0, 1, 11)`, bins
       [lo, hi) with the last bin [0.9, 1.0] closed. linspace gives edges 0.30000000000000004,
       0.6000000000000001 and 0.7000000000000001, all above the float64 values of 0.3, 0.6
-      and 0.7, so those confidences land in the bin BELOW ([0.2, 0.3) etc.); every other k/10
-      starts its own bin. Accumulated in float64 exactly like the released loop.
+      and 0.7, so those confidences land in the bin BELOW ([0.2, 0.3) etc.; bins 3 and 7 stay
+      empty); the other k/10 start their own bin, and 1.0 shares the last bin with 0.9.
+      Accumulated in float64 exactly like the released loop.
     - "torchmetrics": `binary_calibration_error(torch.tensor(confidence, dtype=float32),
       target, n_bins=n_bins, norm="l1")`, reproduced bit for bit: float32 confidences, float32
       `torch.linspace` edges and `torch.bucketize(right=True)`. In float32 0.3, 0.6 and 0.7
