@@ -1,7 +1,12 @@
 """Data: EasyR1-format records, the generated scene world, evaluation sets, TFDS.
 
-`vlcal_jax.data.scenes`, `vlcal_jax.data.benchmarks` and `vlcal_jax.data.tfds` are
-imported by name (the last one needs tensorflow-datasets).
+    RecordReader(paths, image_dir=...)      EasyR1 parquet/JSONL -> Examples, sharded over
+                                            processes, shuffled, resumable (state/restore)
+    vlcal_jax.data.scenes                   generated scenes with perception ground truth
+    vlcal_jax.data.benchmarks               the 13 evaluation sets of PAPER.md section 7
+    vlcal_jax.data.tfds                     TFDS builder + reader (needs tensorflow-datasets)
+
+The submodules are imported by name; only the last needs packages beyond the core ones.
 """
 
 from vlcal_jax.data.example import (

@@ -83,8 +83,8 @@ def iter_benchmark(name: str, root: str | os.PathLike, *, split: str | None = No
       continue
     yielded += 1
     yield example
-  logger.info("%s (%s, split %s): %d examples; %s", benchmark.title, ctx.root, ctx.split,
-              yielded, skipped.summary())
+  logger.log(logging.WARNING if skipped.total else logging.INFO, "%s (%s, split %s): %d "
+             "examples; %s", benchmark.title, ctx.root, ctx.split, yielded, skipped.summary())
   if yielded == 0:
     raise ValueError(f"{benchmark.title} ({name}) at {ctx.root}: no usable row in split "
                      f"{ctx.split!r} (shard {shard_index}/{shard_count}): {skipped.summary()}")

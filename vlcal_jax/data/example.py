@@ -108,9 +108,10 @@ def decode_image(value: Any, image_dir: str | os.PathLike | None = None) -> Imag
     return _loaded_rgb(value, "PIL image")
   if isinstance(value, np.ndarray):
     try:
-      return Image.fromarray(np.asarray(value, np.uint8).squeeze())
+      image = Image.fromarray(np.asarray(value, np.uint8).squeeze())
     except (TypeError, ValueError) as error:
       raise BadRowError("corrupt_image", f"array of shape {value.shape}: {error}") from None
+    return _loaded_rgb(image, f"array of shape {value.shape}")
   if isinstance(value, dict):
     if value.get("bytes"):
       return decode_image(bytes(value["bytes"]), image_dir)

@@ -195,9 +195,10 @@ class RecordReader:
   def _end_epoch(self) -> None:
     summary = {"epoch": self._epoch, "examples": self._yielded, "skipped": self.skipped.as_dict()}
     self.epoch_summaries.append(summary)
-    logger.info("%s: epoch %d, shard %d/%d: %d examples from %d rows; %s", self._description,
-                self._epoch, self.process_index, self.process_count, self._yielded,
-                len(self.shard_rows), self.skipped.summary())
+    level = logging.WARNING if self.skipped.total else logging.INFO
+    logger.log(level, "%s: epoch %d, shard %d/%d: %d examples from %d rows; %s",
+               self._description, self._epoch, self.process_index, self.process_count,
+               self._yielded, len(self.shard_rows), self.skipped.summary())
     if self._yielded == 0:
       raise ValueError(
           f"{self._description}: no usable row in shard {self.process_index} of "

@@ -188,7 +188,8 @@ class _ParquetFile:
     return self._num_rows
 
   def keep_only(self, local: Sequence[int]) -> None:
-    self._kept = np.unique(np.asarray(local, np.int64))
+    kept = np.unique(np.asarray(local, np.int64))
+    self._kept = None if len(kept) == self._num_rows else kept
     self._table = None
 
   def row(self, local: int) -> dict[str, Any]:
