@@ -8,7 +8,9 @@
 whose result has "reward" [N] and every component for logging (accuracy, format, brier,
 confidences, ...; a missing value is nan). Names: "vl_calibration", "rlcr", "rlcr_vlm",
 "rlvr", "rlvr_easyr1". `register(name)` adds one. `choices` is None or one entry per
-response (None or the option list of a multiple-choice question).
+response (None or the option list of a multiple-choice question). Every function accepts
+vision_kl / vision_entropy (those that do not use them ignore them), so one call site serves
+every name; weights are keyword arguments with the released defaults.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ _LIMIT_INT = 10**300
 FUNCTIONS = ("sin", "cos", "tan", "ln", "log", "exp")
 _CONSTANTS = {"pi": math.pi, "infty": math.inf, "inf": math.inf}
 GREEK = ("alpha", "beta", "gamma", "delta", "theta", "lambda", "mu", "sigma", "phi", "varphi", "omega", "rho", "tau")
-_OPERATOR_COMMANDS = {"times": "*", "cdot": "*", "div": "/", "frac": "frac", "dfrac": "frac", "tfrac": "frac"}
+_OPERATOR_COMMANDS = {"times": "*", "cdot": "*", "div": "/"}
+_COMMAND_ALIASES = {"dfrac": "frac", "tfrac": "frac"}
 _SPACING_COMMANDS = {",", ";", ":", "!", " ", "quad", "qquad", "left", "right", "displaystyle"}
 _UNICODE = {"π": "\\pi ", "√": "\\sqrt ", "×": "*", "÷": "/", "·": "*", "⋅": "*", "−": "-", "∞": "\\infty "}
 _TOKEN = re.compile(
@@ -81,10 +82,10 @@ def tokenize(text: str, deadline: Deadline) -> list[tuple[str, str, bool]]:
             if name in _SPACING_COMMANDS:
                 spaced = True
                 continue
-            if name in _OPERATOR_COMMANDS and _OPERATOR_COMMANDS[name] != "frac":
+            if name in _OPERATOR_COMMANDS:
                 kind, value = "op", _OPERATOR_COMMANDS[name]
             else:
-                value = "frac" if name in _OPERATOR_COMMANDS else name
+                value = _COMMAND_ALIASES.get(name, name)
         elif kind == "word":
             letters = value.split("_")[0]
             if len(letters) > 1:
@@ -145,7 +146,7 @@ class _Parser:
     def term(self):
         factors = [(1, self.unary())]
         while True:
-            kind, value, spaced = self.peek()
+            kind, value, _ = self.peek()
             if kind == "op" and value in "*/":
                 self.take()
                 factors.append((1 if value == "*" else -1, self.unary()))
