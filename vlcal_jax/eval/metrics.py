@@ -263,7 +263,8 @@ def ece(confidence, correct, n_bins: int = 10, convention: str = "paper") -> flo
       0.6000000000000001 and 0.7000000000000001, all above the float64 values of 0.3, 0.6
       and 0.7, so those confidences land in the bin BELOW ([0.2, 0.3) etc.; bins 3 and 7 stay
       empty); the other k/10 start their own bin, and 1.0 shares the last bin with 0.9.
-      Accumulated in float64 exactly like the released loop.
+      Accumulated in float64 exactly like the released loop. Confidences are taken as float64:
+      a float32 0.3 is 0.30000001192... and would start bin 3, so pass float64 (Python) values.
     - "torchmetrics": `binary_calibration_error(torch.tensor(confidence, dtype=float32),
       target, n_bins=n_bins, norm="l1")`, reproduced bit for bit: float32 confidences, float32
       `torch.linspace` edges and `torch.bucketize(right=True)`. In float32 0.3, 0.6 and 0.7
