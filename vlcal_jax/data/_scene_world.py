@@ -38,165 +38,165 @@ _EXTENT = {"circle": 1.0, "square": _SQUARE_HALF * math.sqrt(2.0), "triangle": 1
 
 @dataclasses.dataclass(frozen=True)
 class SceneConfig:
-  """Knobs of the generated world. `max_*` knobs are upper bounds: each scene draws its
-  own value uniformly in [0, max], so one data set spans easy to hard scenes."""
+    """Knobs of the generated world. `max_*` knobs are upper bounds: each scene draws its
+    own value uniformly in [0, max], so one data set spans easy to hard scenes."""
 
-  image_size: int = 64
-  min_objects: int = 1
-  max_objects: int = 6
-  shapes: tuple[str, ...] = SHAPES
-  colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
-  size_scale: float = 1.0       # multiplies radii; below 1 objects get smaller (harder)
-  max_overlap: float = 0.0      # objects may overlap by this fraction of their radius sum
-  max_clutter: int = 0          # grey marks drawn behind the objects
-  max_low_contrast: float = 0.0  # blend of object colours toward the background, < 1
-  question_types: tuple[str, ...] = ("count", "exist", "color_of", "sum", "difference",
-                                     "compare", "multi_step")
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 6
+    shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    size_scale: float = 1.0       # multiplies radii; below 1 objects get smaller (harder)
+    max_overlap: float = 0.0      # objects may overlap by this fraction of their radius sum
+    max_clutter: int = 0          # grey marks drawn behind the objects
+    max_low_contrast: float = 0.0  # blend of object colours toward the background, < 1
+    question_types: tuple[str, ...] = ("count", "exist", "color_of", "sum", "difference",
+                                       "compare", "multi_step")
 
-  def __post_init__(self):
-    unknown = [c for c in self.colors if c not in PALETTE] + [
-        s for s in self.shapes if s not in SHAPES]
-    if unknown:
-      raise ValueError(f"unknown colours/shapes {unknown}; known: {list(PALETTE)}, {SHAPES}")
-    if not 1 <= self.min_objects <= self.max_objects:
-      raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, "
-                       f"{self.max_objects}")
-    reasoning = {"sum", "difference", "compare", "multi_step"} & set(self.question_types)
-    if reasoning and len(self.colors) * len(self.shapes) < 3:
-      raise ValueError(f"reasoning questions {sorted(reasoning)} need at least 3 "
-                       "(colour, shape) combinations")
-    if not 0.0 <= self.max_low_contrast < 1.0 or not 0.0 <= self.max_overlap <= 1.0:
-      raise ValueError("max_low_contrast must be in [0, 1) and max_overlap in [0, 1]")
+    def __post_init__(self):
+        unknown = [c for c in self.colors if c not in PALETTE] + [
+            s for s in self.shapes if s not in SHAPES]
+        if unknown:
+            raise ValueError(f"unknown colours/shapes {unknown}; known: {list(PALETTE)}, {SHAPES}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, "
+                             f"{self.max_objects}")
+        reasoning = {"sum", "difference", "compare", "multi_step"} & set(self.question_types)
+        if reasoning and len(self.colors) * len(self.shapes) < 3:
+            raise ValueError(f"reasoning questions {sorted(reasoning)} need at least 3 "
+                             "(colour, shape) combinations")
+        if not 0.0 <= self.max_low_contrast < 1.0 or not 0.0 <= self.max_overlap <= 1.0:
+            raise ValueError("max_low_contrast must be in [0, 1) and max_overlap in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
 class SceneObject:
-  shape: str
-  color: str
-  size: str
-  x: int        # centre, pixels from the left
-  y: int        # centre, pixels from the top
-  radius: int   # pixels; a square's half side is 0.8 radius, a triangle is inscribed
-  rgb: tuple[int, int, int]  # the colour drawn (the named colour, faded by low contrast)
+    shape: str
+    color: str
+    size: str
+    x: int        # centre, pixels from the left
+    y: int        # centre, pixels from the top
+    radius: int   # pixels; a square's half side is 0.8 radius, a triangle is inscribed
+    rgb: tuple[int, int, int]  # the colour drawn (the named colour, faded by low contrast)
 
-  @property
-  def extent(self) -> float:
-    """Radius of the circle that contains the drawn shape."""
-    return self.radius * _EXTENT[self.shape]
+    @property
+    def extent(self) -> float:
+        """Radius of the circle that contains the drawn shape."""
+        return self.radius * _EXTENT[self.shape]
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-  """A scene graph: what is where, and how it was made hard to see."""
+    """A scene graph: what is where, and how it was made hard to see."""
 
-  image_size: int
-  objects: tuple[SceneObject, ...]
-  clutter: tuple[tuple[int, int, int, int, int], ...] = ()  # lines (x0, y0, x1, y1, grey)
-  low_contrast: float = 0.0
-  overlap: float = 0.0  # the largest overlap of any two objects (fraction of radius sum)
+    image_size: int
+    objects: tuple[SceneObject, ...]
+    clutter: tuple[tuple[int, int, int, int, int], ...] = ()  # lines (x0, y0, x1, y1, grey)
+    low_contrast: float = 0.0
+    overlap: float = 0.0  # the largest overlap of any two objects (fraction of radius sum)
 
-  def count(self, color: str | None = None, shape: str | None = None,
-            size: str | None = None) -> int:
-    """Number of objects matching every given attribute."""
-    return sum((color is None or o.color == color) and (shape is None or o.shape == shape)
-               and (size is None or o.size == size) for o in self.objects)
+    def count(self, color: str | None = None, shape: str | None = None,
+              size: str | None = None) -> int:
+        """Number of objects matching every given attribute."""
+        return sum((color is None or o.color == color) and (shape is None or o.shape == shape)
+                   and (size is None or o.size == size) for o in self.objects)
 
-  def to_dict(self) -> dict[str, Any]:
-    return {"image_size": self.image_size, "low_contrast": self.low_contrast,
-            "overlap": self.overlap, "clutter": [list(c) for c in self.clutter],
-            "objects": [dataclasses.asdict(o) for o in self.objects]}
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "low_contrast": self.low_contrast,
+                "overlap": self.overlap, "clutter": [list(c) for c in self.clutter],
+                "objects": [dataclasses.asdict(o) for o in self.objects]}
 
-  @classmethod
-  def from_dict(cls, data: dict[str, Any]) -> "Scene":
-    objects = tuple(SceneObject(**{**o, "rgb": tuple(o["rgb"])}) for o in data["objects"])
-    return cls(image_size=int(data["image_size"]), objects=objects,
-               clutter=tuple(tuple(c) for c in data.get("clutter", ())),
-               low_contrast=float(data.get("low_contrast", 0.0)),
-               overlap=float(data.get("overlap", 0.0)))
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Scene":
+        objects = tuple(SceneObject(**{**o, "rgb": tuple(o["rgb"])}) for o in data["objects"])
+        return cls(image_size=int(data["image_size"]), objects=objects,
+                   clutter=tuple(tuple(c) for c in data.get("clutter", ())),
+                   low_contrast=float(data.get("low_contrast", 0.0)),
+                   overlap=float(data.get("overlap", 0.0)))
 
 
 def _faded(rgb: tuple[int, int, int], amount: float) -> tuple[int, int, int]:
-  return tuple(int(round((1 - amount) * c + amount * b)) for c, b in zip(rgb, BACKGROUND))
+    return tuple(int(round((1 - amount) * c + amount * b)) for c, b in zip(rgb, BACKGROUND))
 
 
 def _pair_overlap(a: SceneObject, b: SceneObject) -> float:
-  reach = a.extent + b.extent
-  return max(0.0, 1.0 - math.hypot(a.x - b.x, a.y - b.y) / reach)
+    reach = a.extent + b.extent
+    return max(0.0, 1.0 - math.hypot(a.x - b.x, a.y - b.y) / reach)
 
 
 def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
-  """Draws a scene graph; objects that find no free place after many tries are left out."""
-  side = config.image_size
-  max_overlap = rng.uniform(0.0, config.max_overlap)
-  low_contrast = rng.uniform(0.0, config.max_low_contrast)
-  target = int(rng.integers(config.min_objects, config.max_objects + 1))
-  objects: list[SceneObject] = []
-  for _ in range(200 * target):
-    if len(objects) == target:
-      break
-    shape = config.shapes[rng.integers(len(config.shapes))]
-    color = config.colors[rng.integers(len(config.colors))]
-    size = ("small", "large")[rng.integers(2)]
-    low, high = SIZES[size]
-    radius = max(_MIN_RADIUS, int(round(rng.uniform(low, high) * side * config.size_scale)))
-    margin = int(math.ceil(radius * _EXTENT[shape])) + 1
-    if 2 * margin >= side:
-      continue
-    x, y = (int(v) for v in rng.integers(margin, side - margin, size=2))
-    candidate = SceneObject(shape, color, size, x, y, radius,
-                            _faded(PALETTE[color], low_contrast))
-    if all(_fits(candidate, other, max_overlap) for other in objects):
-      objects.append(candidate)
-  clutter = []
-  for _ in range(int(rng.integers(0, config.max_clutter + 1))):
-    x0, y0 = (int(v) for v in rng.integers(0, side, size=2))
-    dx, dy = (int(v) for v in rng.integers(-side // 8, side // 8 + 1, size=2))
-    clutter.append((x0, y0, x0 + dx, y0 + dy, int(rng.integers(110, 200))))
-  overlap = max((_pair_overlap(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]),
-                default=0.0)
-  return Scene(side, tuple(objects), tuple(clutter), float(low_contrast), float(overlap))
+    """Draws a scene graph; objects that find no free place after many tries are left out."""
+    side = config.image_size
+    max_overlap = rng.uniform(0.0, config.max_overlap)
+    low_contrast = rng.uniform(0.0, config.max_low_contrast)
+    target = int(rng.integers(config.min_objects, config.max_objects + 1))
+    objects: list[SceneObject] = []
+    for _ in range(200 * target):
+        if len(objects) == target:
+            break
+        shape = config.shapes[rng.integers(len(config.shapes))]
+        color = config.colors[rng.integers(len(config.colors))]
+        size = ("small", "large")[rng.integers(2)]
+        low, high = SIZES[size]
+        radius = max(_MIN_RADIUS, int(round(rng.uniform(low, high) * side * config.size_scale)))
+        margin = int(math.ceil(radius * _EXTENT[shape])) + 1
+        if 2 * margin >= side:
+            continue
+        x, y = (int(v) for v in rng.integers(margin, side - margin, size=2))
+        candidate = SceneObject(shape, color, size, x, y, radius,
+                                _faded(PALETTE[color], low_contrast))
+        if all(_fits(candidate, other, max_overlap) for other in objects):
+            objects.append(candidate)
+    clutter = []
+    for _ in range(int(rng.integers(0, config.max_clutter + 1))):
+        x0, y0 = (int(v) for v in rng.integers(0, side, size=2))
+        dx, dy = (int(v) for v in rng.integers(-side // 8, side // 8 + 1, size=2))
+        clutter.append((x0, y0, x0 + dx, y0 + dy, int(rng.integers(110, 200))))
+    overlap = max((_pair_overlap(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]),
+                  default=0.0)
+    return Scene(side, tuple(objects), tuple(clutter), float(low_contrast), float(overlap))
 
 
 def _fits(candidate: SceneObject, other: SceneObject, max_overlap: float) -> bool:
-  distance = math.hypot(candidate.x - other.x, candidate.y - other.y)
-  reach = candidate.extent + other.extent
-  if max_overlap <= 0.0:
-    return distance >= reach + _GAP
-  return distance >= reach * (1.0 - max_overlap)
+    distance = math.hypot(candidate.x - other.x, candidate.y - other.y)
+    reach = candidate.extent + other.extent
+    if max_overlap <= 0.0:
+        return distance >= reach + _GAP
+    return distance >= reach * (1.0 - max_overlap)
 
 
 def render_scene(scene: Scene) -> Image.Image:
-  """Draws the scene: clutter first (behind), then objects in order (later ones on top)."""
-  side = scene.image_size
-  image = Image.new("RGB", (side, side), BACKGROUND)
-  draw = ImageDraw.Draw(image)
-  for x0, y0, x1, y1, grey in scene.clutter:
-    draw.line((x0, y0, x1, y1), fill=(grey, grey, grey), width=1)
-  for obj in scene.objects:
-    x, y, r = obj.x, obj.y, obj.radius
-    if obj.shape == "circle":
-      draw.ellipse((x - r, y - r, x + r, y + r), fill=obj.rgb)
-    elif obj.shape == "square":
-      half = int(round(_SQUARE_HALF * r))
-      draw.rectangle((x - half, y - half, x + half, y + half), fill=obj.rgb)
-    else:
-      dx, dy = int(round(r * math.sqrt(3.0) / 2.0)), int(round(r / 2.0))
-      draw.polygon([(x, y - r), (x + dx, y + dy), (x - dx, y + dy)], fill=obj.rgb)
-  return image
+    """Draws the scene: clutter first (behind), then objects in order (later ones on top)."""
+    side = scene.image_size
+    image = Image.new("RGB", (side, side), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for x0, y0, x1, y1, grey in scene.clutter:
+        draw.line((x0, y0, x1, y1), fill=(grey, grey, grey), width=1)
+    for obj in scene.objects:
+        x, y, r = obj.x, obj.y, obj.radius
+        if obj.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=obj.rgb)
+        elif obj.shape == "square":
+            half = int(round(_SQUARE_HALF * r))
+            draw.rectangle((x - half, y - half, x + half, y + half), fill=obj.rgb)
+        else:
+            dx, dy = int(round(r * math.sqrt(3.0) / 2.0)), int(round(r / 2.0))
+            draw.polygon([(x, y - r), (x + dx, y + dy), (x - dx, y + dy)], fill=obj.rgb)
+    return image
 
 
 def perception_difficulty(scene: Scene) -> dict[str, float]:
-  """Difficulty of seeing the scene right, per knob and combined, each in [0, 1]."""
-  side = scene.image_size
-  radii = [o.radius / side for o in scene.objects] or [SIZES["large"][1]]
-  parts = {
-      "crowding": min(1.0, (len(scene.objects) - 1) / 9.0),
-      "smallness": float(np.clip(1.0 - np.mean(radii) / SIZES["large"][1], 0.0, 1.0)),
-      "overlap": min(1.0, 2.0 * scene.overlap),
-      "clutter": min(1.0, len(scene.clutter) / 20.0),
-      "low_contrast": min(1.0, scene.low_contrast / 0.8),
-  }
-  weights = {"crowding": 0.3, "smallness": 0.2, "overlap": 0.2, "clutter": 0.1,
-             "low_contrast": 0.2}
-  parts["perception"] = sum(weights[k] * parts[k] for k in weights)
-  return parts
+    """Difficulty of seeing the scene right, per knob and combined, each in [0, 1]."""
+    side = scene.image_size
+    radii = [o.radius / side for o in scene.objects] or [SIZES["large"][1]]
+    parts = {
+        "crowding": min(1.0, (len(scene.objects) - 1) / 9.0),
+        "smallness": float(np.clip(1.0 - np.mean(radii) / SIZES["large"][1], 0.0, 1.0)),
+        "overlap": min(1.0, 2.0 * scene.overlap),
+        "clutter": min(1.0, len(scene.clutter) / 20.0),
+        "low_contrast": min(1.0, scene.low_contrast / 0.8),
+    }
+    weights = {"crowding": 0.3, "smallness": 0.2, "overlap": 0.2, "clutter": 0.1,
+               "low_contrast": 0.2}
+    parts["perception"] = sum(weights[k] * parts[k] for k in weights)
+    return parts

@@ -42,54 +42,54 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
 
 
 def benchmark_names() -> list[str]:
-  return list(BENCHMARKS)
+    return list(BENCHMARKS)
 
 
 def iter_benchmark(name: str, root: str | os.PathLike, *, split: str | None = None,
                    limit: int | None = None, shard_index: int = 0, shard_count: int = 1,
                    max_warnings_per_reason: int | None = 100,
                    **options: Any) -> Iterator[Example]:
-  """Yields the usable examples of one set, in release order.
+    """Yields the usable examples of one set, in release order.
 
-  Args:
-    name: a key of BENCHMARKS.
-    root: the directory holding the set's release.
-    split: the split to read (default: the set's evaluation split).
-    limit: read only the first `limit` rows (before sharding).
-    shard_index, shard_count: read rows shard_index, shard_index + shard_count, ...
-      (so several processes evaluate disjoint parts).
-    options: adapter options (`variants` for dynamath, `subset` for mmmu_pro).
-  """
-  if name not in BENCHMARKS:
-    raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-  benchmark = BENCHMARKS[name]
-  ctx = Context(benchmark, os.fspath(root), split or benchmark.default_split,
-                {**benchmark.defaults, **options})
-  if not os.path.isdir(ctx.root):
-    raise ctx.missing("no directory")
-  skipped = SkipCounter(max_warnings_per_reason)
-  yielded = 0
-  for index, (where, record) in enumerate(benchmark.rows(ctx)):
-    if limit is not None and index >= limit:
-      break
-    if index % shard_count != shard_index:
-      continue
-    try:
-      if isinstance(record, BadRowError):
-        raise record
-      example = benchmark.convert(record, ctx)
-    except BadRowError as error:
-      skipped.skip(where, error)
-      continue
-    yielded += 1
-    yield example
-  logger.log(logging.WARNING if skipped.total else logging.INFO, "%s (%s, split %s): %d "
-             "examples; %s", benchmark.title, ctx.root, ctx.split, yielded, skipped.summary())
-  if yielded == 0:
-    raise ValueError(f"{benchmark.title} ({name}) at {ctx.root}: no usable row in split "
-                     f"{ctx.split!r} (shard {shard_index}/{shard_count}): {skipped.summary()}")
+    Args:
+      name: a key of BENCHMARKS.
+      root: the directory holding the set's release.
+      split: the split to read (default: the set's evaluation split).
+      limit: read only the first `limit` rows (before sharding).
+      shard_index, shard_count: read rows shard_index, shard_index + shard_count, ...
+        (so several processes evaluate disjoint parts).
+      options: adapter options (`variants` for dynamath, `subset` for mmmu_pro).
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    benchmark = BENCHMARKS[name]
+    ctx = Context(benchmark, os.fspath(root), split or benchmark.default_split,
+                  {**benchmark.defaults, **options})
+    if not os.path.isdir(ctx.root):
+        raise ctx.missing("no directory")
+    skipped = SkipCounter(max_warnings_per_reason)
+    yielded = 0
+    for index, (where, record) in enumerate(benchmark.rows(ctx)):
+        if limit is not None and index >= limit:
+            break
+        if index % shard_count != shard_index:
+            continue
+        try:
+            if isinstance(record, BadRowError):
+                raise record
+            example = benchmark.convert(record, ctx)
+        except BadRowError as error:
+            skipped.skip(where, error)
+            continue
+        yielded += 1
+        yield example
+    logger.log(logging.WARNING if skipped.total else logging.INFO, "%s (%s, split %s): %d "
+               "examples; %s", benchmark.title, ctx.root, ctx.split, yielded, skipped.summary())
+    if yielded == 0:
+        raise ValueError(f"{benchmark.title} ({name}) at {ctx.root}: no usable row in split "
+                         f"{ctx.split!r} (shard {shard_index}/{shard_count}): {skipped.summary()}")
 
 
 def load_benchmark(name: str, root: str | os.PathLike, **kwargs: Any) -> list[Example]:
-  """All usable examples of one set as a list; see `iter_benchmark` for the arguments."""
-  return list(iter_benchmark(name, root, **kwargs))
+    """All usable examples of one set as a list; see `iter_benchmark` for the arguments."""
+    return list(iter_benchmark(name, root, **kwargs))

@@ -21,53 +21,53 @@ SKIP_REASONS = {
 
 
 class BadRowError(Exception):
-  """A row that cannot become an example; `reason` is a key of SKIP_REASONS."""
+    """A row that cannot become an example; `reason` is a key of SKIP_REASONS."""
 
-  def __init__(self, reason: str, detail: str):
-    if reason not in SKIP_REASONS:
-      raise ValueError(f"unknown skip reason {reason!r}; known: {sorted(SKIP_REASONS)}")
-    super().__init__(f"{reason}: {detail}")
-    self.reason = reason
-    self.detail = detail
+    def __init__(self, reason: str, detail: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; known: {sorted(SKIP_REASONS)}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 class SkipCounter:
-  """Counts skipped rows by reason and logs one warning per row that names it.
+    """Counts skipped rows by reason and logs one warning per row that names it.
 
-  Warnings are capped at `max_warnings_per_reason` per reason until the next `reset()`
-  (None: no cap); the per-reason counts are exact either way and appear in `summary()`.
-  """
+    Warnings are capped at `max_warnings_per_reason` per reason until the next `reset()`
+    (None: no cap); the per-reason counts are exact either way and appear in `summary()`.
+    """
 
-  def __init__(self, max_warnings_per_reason: int | None = 100):
-    self.max_warnings_per_reason = max_warnings_per_reason
-    self.counts: collections.Counter[str] = collections.Counter()
+    def __init__(self, max_warnings_per_reason: int | None = 100):
+        self.max_warnings_per_reason = max_warnings_per_reason
+        self.counts: collections.Counter[str] = collections.Counter()
 
-  def skip(self, where: str, error: BadRowError) -> None:
-    """Records that the row at `where` (e.g. "train.jsonl row 17") was skipped."""
-    self.counts[error.reason] += 1
-    count = self.counts[error.reason]
-    cap = self.max_warnings_per_reason
-    if cap is None or count <= cap:
-      logger.warning("skipping %s: %s", where, error)
-    if cap is not None and count == cap:
-      logger.warning("further rows skipped for %r are counted but not named", error.reason)
+    def skip(self, where: str, error: BadRowError) -> None:
+        """Records that the row at `where` (e.g. "train.jsonl row 17") was skipped."""
+        self.counts[error.reason] += 1
+        count = self.counts[error.reason]
+        cap = self.max_warnings_per_reason
+        if cap is None or count <= cap:
+            logger.warning("skipping %s: %s", where, error)
+        if cap is not None and count == cap:
+            logger.warning("further rows skipped for %r are counted but not named", error.reason)
 
-  @property
-  def total(self) -> int:
-    return sum(self.counts.values())
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
-  def as_dict(self) -> dict[str, int]:
-    return dict(sorted(self.counts.items()))
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
 
-  def load(self, counts: dict[str, int]) -> None:
-    """Replaces the counts, e.g. with those saved in a reader state."""
-    self.counts = collections.Counter({str(k): int(v) for k, v in counts.items()})
+    def load(self, counts: dict[str, int]) -> None:
+        """Replaces the counts, e.g. with those saved in a reader state."""
+        self.counts = collections.Counter({str(k): int(v) for k, v in counts.items()})
 
-  def reset(self) -> None:
-    self.counts.clear()
+    def reset(self) -> None:
+        self.counts.clear()
 
-  def summary(self) -> str:
-    if not self.counts:
-      return "no row skipped"
-    parts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.counts.items()))
-    return f"{self.total} rows skipped ({parts})"
+    def summary(self) -> str:
+        if not self.counts:
+            return "no row skipped"
+        parts = ", ".join(f"{reason}={count}" for reason, count in sorted(self.counts.items()))
+        return f"{self.total} rows skipped ({parts})"
