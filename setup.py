@@ -19,6 +19,10 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm",
+    "scipy>=1.11",
+    "tensorflow-datasets>=4.9.7",
+    "array_record",
+    "importlib_resources",
 ]
 
 EXTRAS = {
@@ -29,6 +33,9 @@ EXTRAS = {
         "scikit-learn>=1.4",
         "torchmetrics>=1.4",
         "mathruler==0.1.0",
+        # mathruler imports these without declaring them
+        "pylatexenc",
+        "sympy",
     ],
     "tpu": ["jax[tpu]>=0.10"],
 }

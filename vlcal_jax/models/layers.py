@@ -63,16 +63,17 @@ def apply_rotary(x, cos, sin):
 def attention(q, k, v, mask, scale):
     """Grouped-query attention.
 
-    q [B, T, H, D], k/v [B, S, KV, D] with H % KV == 0, mask bool [B, T, S] (True = attend).
+    q [B, T, H, D]; k/v [B, KV, S, D] (head-major, the KV-cache layout, which keeps each
+    head's keys contiguous for decoding) with H % KV == 0; mask bool [B, T, S] (True = attend).
     Returns [B, T, H, D]. Scores and softmax are float32; a fully masked query row gives a
     uniform average (as HF's finfo.min masking does) and is ignored by callers.
     """
     batch, tq, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     groups = heads // kv_heads
     q = q.reshape(batch, tq, kv_heads, groups, dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(batch, tq, heads, dim)

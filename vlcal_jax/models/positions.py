@@ -12,11 +12,13 @@ import numpy as np
 from vlcal_jax.models.config import ModelConfig
 
 
-def rope_index(input_ids, attention_mask, image_grid_thw, config: ModelConfig):
+def rope_index(input_ids, attention_mask, image_grid_thw, config: ModelConfig, slots_per_image: int = 0):
     """input_ids/attention_mask [B, T], image_grid_thw [N, 3] or None.
 
-    Returns (position_ids int32 [3, B, T], next_position int32 [B]): `next_position[b]` is the
-    position of the first generated token of row b (max position + 1), the same for all 3 axes.
+    Returns (position_ids int32 [3, B, T], next_position int32 [B], image_index int32 [B, T]):
+    `next_position[b]` is the position of the first generated token of row b (max position + 1,
+    the same for all 3 axes); `image_index` points each image pad at its row of the vision
+    tower output (image i, merged patch j -> i * slots_per_image + j; 0 elsewhere).
     Images are consumed in row-major order over the batch, as the processor concatenates them.
     """
     input_ids = np.asarray(input_ids)
@@ -26,6 +28,7 @@ def rope_index(input_ids, attention_mask, image_grid_thw, config: ModelConfig):
     merge = config.vision.spatial_merge_size
     positions = np.zeros((3, batch, length), np.int64)
     next_position = np.zeros((batch,), np.int64)
+    image_index = np.zeros((batch, length), np.int64)
     image = 0
     for b in range(batch):
         valid = np.flatnonzero(mask[b])
@@ -59,6 +62,7 @@ def rope_index(input_ids, attention_mask, image_grid_thw, config: ModelConfig):
             pos[0, i:i + count] = tt.reshape(-1) + current
             pos[1, i:i + count] = hh.reshape(-1) + current
             pos[2, i:i + count] = ww.reshape(-1) + current
+            image_index[b, valid[i:i + count]] = image * slots_per_image + np.arange(count)
             current += max(h, w) // merge
             image += 1
             i += count
@@ -66,4 +70,4 @@ def rope_index(input_ids, attention_mask, image_grid_thw, config: ModelConfig):
         next_position[b] = (pos.max() + 1) if len(tokens) else 0
     if image != len(grids):
         raise ValueError(f"image_grid_thw has {len(grids)} images but the prompts hold {image} image pad runs")
-    return positions.astype(np.int32), next_position.astype(np.int32)
+    return positions.astype(np.int32), next_position.astype(np.int32), image_index.astype(np.int32)

@@ -15,17 +15,20 @@ from vlcal_jax.models.positions import rope_index
 
 class ModelInputs(NamedTuple):
     """Device inputs of one batch. input_ids/attention_mask [B, T], position_ids [3, B, T],
-    next_position [B] (first generated position), vision: padded VisionInputs or None."""
+    next_position [B] (first generated position), image_index [B, T] (vision-output row of each
+    image pad), vision: padded VisionInputs or None. Several rows may point at the same image
+    (GRPO samples of one prompt), so the tower runs once per image."""
 
     input_ids: jax.Array
     attention_mask: jax.Array
     position_ids: jax.Array
     next_position: jax.Array
+    image_index: jax.Array
     vision: vision.VisionInputs | None
 
 
 def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                   *, patch_bucket: int | None = None) -> ModelInputs:
+                   *, patch_bucket: int | None = None, num_images: int | None = None) -> ModelInputs:
     """Host-side: 3-D positions, vision metadata and patch padding for a processor-format batch.
 
     input_ids [B, T] with image pads expanded (left padding allowed), attention_mask [B, T],
@@ -49,11 +52,12 @@ def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_va
                 f"input_ids hold {n_pads} <|image_pad|> tokens but image_grid_thw {grid.tolist()} gives "
                 f"{expected} merged patches; build prompts with processing.render_prompt for these images"
             )
-        vis = vision.prepare_vision_inputs(pixel_values, grid, config.vision, patch_bucket)
+        vis = vision.prepare_vision_inputs(pixel_values, grid, config.vision, patch_bucket, num_images)
     elif n_pads:
         raise ValueError(f"input_ids hold {n_pads} <|image_pad|> tokens but no pixel_values were given")
-    positions, next_position = rope_index(input_ids, mask, image_grid_thw, config)
-    return ModelInputs(input_ids, mask, positions, next_position, vis)
+    slots = 0 if vis is None else vis.pixel_values.shape[1] // config.vision.merge_unit
+    positions, next_position, image_index = rope_index(input_ids, mask, image_grid_thw, config, slots)
+    return ModelInputs(input_ids, mask, positions, next_position, image_index, vis)
 
 
 def causal_mask(attention_mask):
@@ -64,18 +68,18 @@ def causal_mask(attention_mask):
 
 
 def encode_images(config: ModelConfig, params, vis: vision.VisionInputs):
-    """Vision tower: (image_embeds [P/m^2, D], deepstack [n_ds, P/m^2, D])."""
+    """Vision tower: (image_embeds [I * P/m^2, D], deepstack [n_ds, I * P/m^2, D])."""
     return vision.vision_tower(config.vision, params["visual"], vis, config.compute_dtype)
 
 
 def apply(config: ModelConfig, params, inputs: ModelInputs, *, return_hidden: bool = False, return_kv: bool = False):
     """Full forward (jittable). Returns logits float32 [B, T, V], or the final hidden states
     [B, T, D] with `return_hidden=True`; with `return_kv=True` also the per-layer (k, v)
-    [L, B, T, KV, hd] for a prefill."""
+    [L, B, KV, T, hd] for a prefill."""
     image_embeds = deepstack = None
     if inputs.vision is not None:
         image_embeds, deepstack = encode_images(config, params, inputs.vision)
-    x, slots = text.embed_tokens(config, params, inputs.input_ids, image_embeds)
+    x, slots = text.embed_tokens(config, params, inputs.input_ids, inputs.image_index, image_embeds)
     cos, sin = text.mrope_cos_sin(inputs.position_ids, config.text)
     mask = causal_mask(inputs.attention_mask)
     hidden, kv = text.decoder(config, params, x, cos, sin, mask, image_slots=slots,

@@ -18,7 +18,7 @@ from vlcal_jax.models.config import ModelConfig, TextConfig
 
 
 class KVCache(NamedTuple):
-    """Static-shape cache: k/v [L, B, S, KV, head_dim], valid [B, S] bool (keys that exist)."""
+    """Static-shape cache: k/v [L, B, KV, S, head_dim], valid [B, S] bool (keys that exist)."""
 
     k: jax.Array
     v: jax.Array
@@ -48,8 +48,9 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
     """One layer. x [B, T, D]; mask bool [B, T, S].
 
     Without `kv`: keys are this call's own tokens (S == T); returns (x, (k, v)).
-    With `kv=(k_cache, v_cache)` [B, S, KV, hd]: this call's k/v are written at `write_index`
+    With `kv=(k_cache, v_cache)` [B, KV, S, hd]: this call's k/v are written at `write_index`
     (scalar) and attention runs over the whole cache; returns (x, (k_cache, v_cache)).
+    Returned k/v are head-major [B, KV, T or S, hd].
     """
     batch, length, _ = x.shape
     hd = config.head_dim
@@ -60,9 +61,10 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
     v = layers.linear(h, attn["v_proj"]["kernel"], attn["v_proj"].get("bias")).reshape(batch, length, -1, hd)
     q = layers.apply_rotary(layers.rms_norm(q, attn["q_norm"], config.rms_norm_eps), cos, sin)
     k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if kv is not None:
-        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=2)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=2)
         k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
         new_kv = (k_cache, v_cache)
     else:
@@ -78,16 +80,14 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
     return x + h, new_kv
 
 
-def embed_tokens(config: ModelConfig, params, input_ids, image_embeds=None):
-    """Token embeddings [B, T, D] with image pads replaced by image_embeds [N_img, D] in order."""
+def embed_tokens(config: ModelConfig, params, input_ids, image_index=None, image_embeds=None):
+    """Token embeddings [B, T, D]; image pads take row image_index [B, T] of image_embeds [N, D]."""
     x = params["text"]["embed"].astype(config.compute_dtype)[input_ids]
     if image_embeds is None:
         return x, None
     is_image = input_ids == config.image_token_id
-    index = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
-    index = jnp.clip(index, 0, image_embeds.shape[0] - 1)
-    x = jnp.where(is_image[..., None], image_embeds.astype(x.dtype)[index], x)
-    return x, (is_image, index)
+    x = jnp.where(is_image[..., None], image_embeds.astype(x.dtype)[image_index], x)
+    return x, (is_image, image_index)
 
 
 def lm_head_kernel(config: ModelConfig, params):

@@ -37,40 +37,71 @@ class SampleOutput(NamedTuple):
     finished: jax.Array
 
 
-def filter_logits(logits, temperature, top_k: int, top_p):
+def nucleus_threshold(probs, top_p, iterations: int = 32):
+    """Per-row probability threshold of the top-p nucleus, by bisection (no vocabulary sort).
+
+    Token i is in the nucleus when the mass of strictly more probable tokens is < top_p; the
+    returned tau [..., 1] keeps exactly `probs >= tau` (up to 2**-iterations * max prob).
+    """
+    def mass_above(t):
+        return jnp.sum(jnp.where(probs > t, probs, 0.0), axis=-1, keepdims=True)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        inside = mass_above(mid) < top_p  # mid is at or above the boundary
+        return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
+
+    hi = jnp.max(probs, axis=-1, keepdims=True)
+    lo = jnp.zeros_like(hi)
+    _, hi = jax.lax.fori_loop(0, iterations, body, (lo, hi))
+    # the most probable token is always kept
+    return jnp.minimum(hi, jnp.max(probs, axis=-1, keepdims=True))
+
+
+def filter_logits(logits, temperature, top_k: int, top_p, use_top_p: bool = True):
     """Scaled and filtered logits [..., V] (-inf outside the top-k / nucleus). The nucleus keeps
-    the smallest prefix of the sorted distribution whose mass reaches top_p (at least 1 token)."""
+    the tokens whose strictly-more-probable mass is below top_p (at least 1 token); exact ties
+    at the boundary are kept together. `use_top_p=False` (static) skips it when top_p == 1."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    if not use_top_p:
+        return logits
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs >= nucleus_threshold(probs, top_p), logits, -jnp.inf)
 
 
-def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p):
+def sample_categorical(key, logits):
+    """One draw per row of softmax(logits [N, V]) by inverse CDF: one uniform per row instead
+    of V Gumbel variates (the bottleneck of `jax.random.categorical` on CPU)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, cdf.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
+    token = jnp.sum(cdf < u, axis=-1)
+    return jnp.minimum(token, logits.shape[-1] - 1)
+
+
+def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p: bool):
     """-> (token [N], sampling logprob [N], policy logprob [N]) from logits [N, V]."""
     policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if greedy:
         token = jnp.argmax(logits, axis=-1)
         sample_lp = jnp.zeros(token.shape, jnp.float32)
     else:
-        filtered = filter_logits(logits, temperature, top_k, top_p)
-        token = jax.random.categorical(key, filtered, axis=-1)
+        filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
+        token = sample_categorical(key, filtered)
         sample_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
     policy_lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), sample_lp, policy_lp
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "n", "greedy", "top_k", "eos_token_ids",
-                                             "pad_token_id"))
+                                             "pad_token_id", "use_top_p"))
 def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temperature, top_p, *,
                          max_new_tokens: int, n: int, greedy: bool, top_k: int, eos_token_ids: tuple[int, ...],
-                         pad_token_id: int) -> SampleOutput:
+                         pad_token_id: int, use_top_p: bool = True) -> SampleOutput:
     """The whole rollout as one compiled program (see `generate` for the arguments)."""
     batch, prompt_len = inputs.input_ids.shape
     rows = batch * n
@@ -79,7 +110,7 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
     last_logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, -1])  # [B, V]
 
     cache_dtype = config.compute_dtype
-    pad = [(0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
+    pad = [(0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0)]
     k = jnp.pad(jnp.repeat(kv[0].astype(cache_dtype), n, axis=1), pad)
     v = jnp.pad(jnp.repeat(kv[1].astype(cache_dtype), n, axis=1), pad)
     valid = jnp.pad(jnp.repeat(inputs.attention_mask > 0, n, axis=0), [(0, 0), (0, max_new_tokens)])
@@ -87,7 +118,7 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
     eos = jnp.asarray(eos_token_ids, jnp.int32)
 
     rng, key = jax.random.split(rng)
-    token, slp, plp = _choose(jnp.repeat(last_logits, n, axis=0), key, greedy, temperature, top_k, top_p)
+    token, slp, plp = _choose(jnp.repeat(last_logits, n, axis=0), key, greedy, temperature, top_k, top_p, use_top_p)
     tokens = jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
     sample_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp)
     policy_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp)
@@ -109,7 +140,7 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
                                       cache=text.KVCache(k, v, valid_now), write_index=write)
         logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, 0])
         rng, key = jax.random.split(rng)
-        token, slp, plp = _choose(logits, key, greedy, temperature, top_k, top_p)
+        token, slp, plp = _choose(logits, key, greedy, temperature, top_k, top_p, use_top_p)
         active = ~done
         token = jnp.where(active, token, pad_token_id)
         tokens = tokens.at[:, step + 1].set(token)
@@ -166,7 +197,8 @@ def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_value
     before = generate_from_inputs._cache_size()
     out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
                                max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
-                               eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id)
+                               eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id,
+                               use_top_p=top_p < 1.0)
     if generate_from_inputs._cache_size() > before:
         log.info("compiled generate: batch=%d length=%d patches=%s n=%d max_new_tokens=%d (%d programs)",
                  inputs.input_ids.shape[0], inputs.input_ids.shape[1],
