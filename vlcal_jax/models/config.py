@@ -77,6 +77,7 @@ class ModelConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = True
     dtype: str = "float32"
+    remat: bool = False  # recompute each layer in the backward pass (activation memory O(1 layer))
 
     @property
     def compute_dtype(self):
@@ -86,7 +87,8 @@ class ModelConfig:
         return dataclasses.replace(self, **kwargs)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, dtype: str = "float32", source: str = "config") -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], *, dtype: str = "float32", source: str = "config",
+                     remat: bool = False) -> "ModelConfig":
         """Builds the config from a HF `config.json` dict (transformers 4.57+ and 5.x layouts)."""
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type")
@@ -149,6 +151,7 @@ class ModelConfig:
             vision_end_token_id=hf.get("vision_end_token_id", cls.vision_end_token_id),
             tie_word_embeddings=bool(tie),
             dtype=str(jnp.dtype(dtype)),
+            remat=remat,
         )
         config.validate(source)
         return config

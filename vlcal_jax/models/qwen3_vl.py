@@ -69,7 +69,7 @@ def causal_mask(attention_mask):
 
 def encode_images(config: ModelConfig, params, vis: vision.VisionInputs):
     """Vision tower: (image_embeds [I * P/m^2, D], deepstack [n_ds, I * P/m^2, D])."""
-    return vision.vision_tower(config.vision, params["visual"], vis, config.compute_dtype)
+    return vision.vision_tower(config.vision, params["visual"], vis, config.compute_dtype, config.remat)
 
 
 def apply(config: ModelConfig, params, inputs: ModelInputs, *, return_hidden: bool = False, return_kv: bool = False):

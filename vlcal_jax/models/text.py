@@ -117,6 +117,8 @@ def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None,
             h = h + add
         return h, (new_kv if (return_kv or cache is not None) else None)
 
+    if config.remat:
+        body = jax.checkpoint(body)
     layer_ids = jnp.arange(tc.num_hidden_layers)
     kv_in = None if cache is None else (cache.k, cache.v)
     x, kv = jax.lax.scan(body, x, (params["text"]["layers"], layer_ids, kv_in))

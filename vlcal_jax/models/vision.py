@@ -167,7 +167,7 @@ def _slice_layers(tree, start, stop):
     return jax.tree.map(lambda a: a[start:stop], tree)
 
 
-def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.float32):
+def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.float32, remat: bool = False):
     """Runs the tower. Returns (image_embeds [I * P/m^2, D_text], deepstack [n_ds, I * P/m^2, D_text]):
     image i's j-th merged token is row i * P/m^2 + j."""
     x = layers.linear(inputs.pixel_values.astype(dtype), params["patch_embed"]["kernel"],
@@ -181,6 +181,9 @@ def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.f
 
     def body(h, p):
         return _block(config, p, h, cos, sin, mask), None
+
+    if remat:
+        body = jax.checkpoint(body)
 
     deepstack = []
     start = 0

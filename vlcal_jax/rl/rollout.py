@@ -1,0 +1,160 @@
+"""Host side of a rollout: examples -> prompt batch, responses -> texts, vision masks, rewards.
+
+Everything numeric on the device lives in `sampling` and `rl.step`; this module only turns
+data into padded arrays and model text into per-token masks and per-response rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import numpy as np
+
+from vlcal_jax import models, processing
+from vlcal_jax.models.config import ModelConfig
+from vlcal_jax.rl import format as rformat
+from vlcal_jax.rl import grpo, rewards
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """B prompts ready for the device: `inputs` (ModelInputs, left-padded to a length bucket),
+    and the examples they came from (gold answers, choices, scene ground truth)."""
+
+    examples: list
+    inputs: models.ModelInputs
+    texts: list[str]
+
+
+def encode_examples(examples: Sequence, tokenizer, config: ModelConfig, image_config, *, mode: str = "decoupled",
+                    length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
+                    patch_bucket: int | None = None, num_images: int | None = None) -> PromptBatch:
+    """Examples (question with `<image>` placeholders, PIL images) -> a PromptBatch."""
+    merge = config.vision.spatial_merge_size
+    texts, all_images, grids = [], [], []
+    for ex in examples:
+        if ex.images:
+            _, grid = processing.preprocess_images(list(ex.images), image_config)
+        else:
+            grid = np.zeros((0, 3), np.int64)
+        messages = processing.build_chat(ex.question, len(ex.images), mode=mode)
+        texts.append(processing.render_prompt(messages, grid, merge))
+        all_images.extend(ex.images)
+        grids.append(grid)
+    ids, mask = processing.encode_prompts(tokenizer, texts, pad_to_bucket=tuple(length_buckets))
+    pixel_values = grid = None
+    if all_images:
+        pixel_values, grid = processing.preprocess_images(all_images, image_config)
+    inputs = models.prepare_inputs(config, ids, mask, pixel_values, grid, patch_bucket=patch_bucket,
+                                   num_images=num_images)
+    return PromptBatch(list(examples), inputs, texts)
+
+
+def expand_for_responses(prompts: models.ModelInputs, tokens, lengths, n: int) -> models.ModelInputs:
+    """Prompt rows [B, Tp] + responses [B*n, M] -> teacher-forcing rows [B*n, Tp + M]. Rows of a
+    prompt are adjacent and share its images (image_index repeats, the tower runs once)."""
+    tokens = np.asarray(tokens, np.int32)
+    lengths = np.asarray(lengths)
+    m = tokens.shape[1]
+    rep = functools.partial(np.repeat, repeats=n, axis=0)
+    response_mask = (np.arange(m)[None] < lengths[:, None]).astype(np.int32)
+    next_position = rep(np.asarray(prompts.next_position))
+    response_pos = next_position[:, None] + np.arange(m)[None]
+    positions = np.concatenate([np.repeat(np.asarray(prompts.position_ids), n, axis=1),
+                                np.broadcast_to(response_pos[None], (3,) + response_pos.shape)], axis=2)
+    return models.ModelInputs(
+        input_ids=np.concatenate([rep(np.asarray(prompts.input_ids)), tokens], axis=1),
+        attention_mask=np.concatenate([rep(np.asarray(prompts.attention_mask)), response_mask], axis=1),
+        position_ids=positions.astype(np.int32),
+        next_position=(next_position + m).astype(np.int32),
+        image_index=np.concatenate([rep(np.asarray(prompts.image_index)), np.zeros_like(tokens)], axis=1),
+        vision=prompts.vision,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode, used by byte-level BPE (Qwen's tokenizer)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes]:
+    """The exact bytes each token contributes to the decoded text (byte-level BPE)."""
+    decoder = _byte_decoder()
+    added = {int(k): v.content for k, v in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+    out = []
+    for token_id, piece in zip(ids, pieces):
+        if int(token_id) in added or piece is None:
+            out.append((added.get(int(token_id)) or "").encode("utf-8"))
+        elif all(ch in decoder for ch in piece):
+            out.append(bytes(decoder[ch] for ch in piece))
+        else:
+            out.append(piece.encode("utf-8"))
+    return out
+
+
+def decode_with_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, np.ndarray]:
+    """Response ids -> (text, byte offsets [M, 2] of each token within text's UTF-8 bytes)."""
+    pieces = token_bytes(tokenizer, ids)
+    ends = np.cumsum([len(p) for p in pieces]) if pieces else np.zeros(0, np.int64)
+    starts = ends - np.asarray([len(p) for p in pieces], np.int64)
+    return b"".join(pieces).decode("utf-8", errors="replace"), np.stack([starts, ends], -1).astype(np.int64)
+
+
+def vision_token_mask(text: str, offsets: np.ndarray, mode: str = "decoupled") -> tuple[np.ndarray, object]:
+    """Tokens [M] whose bytes overlap the `<vision>` content, and the parsed response."""
+    parsed = rformat.parse_response(text, mode=mode)
+    mask = np.zeros(len(offsets), bool)
+    if parsed.vision_char_span is not None and len(offsets):
+        start, end = parsed.vision_char_span
+        byte_start = len(text[:start].encode("utf-8"))
+        byte_end = len(text[:end].encode("utf-8"))
+        mask = (offsets[:, 0] < byte_end) & (offsets[:, 1] > byte_start)
+    return mask, parsed
+
+
+def decode_responses(tokenizer, tokens, lengths, mode: str = "decoupled"):
+    """-> (texts [N], vision_mask bool [N, M], parsed responses [N])."""
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    texts, masks, parsed = [], np.zeros(tokens.shape, bool), []
+    for row in range(tokens.shape[0]):
+        text, offsets = decode_with_offsets(tokenizer, tokens[row, :lengths[row]])
+        mask, p = vision_token_mask(text, offsets, mode)
+        masks[row, :lengths[row]] = mask
+        texts.append(text)
+        parsed.append(p)
+    return texts, masks, parsed
+
+
+def response_vision_stats(token_stats: dict, vision_mask, variant: str = "paper") -> tuple[np.ndarray, np.ndarray]:
+    """Per-response (KL, entropy) means over the vision span [N]; NaN where there is no span.
+    variant "paper": exact full-vocabulary KL and entropy; "released": sampled-token proxies."""
+    kl_key, h_key = {"paper": ("kl", "entropy"), "released": ("kl_sample", "nll")}[variant]
+    mask = np.asarray(vision_mask, np.float64)
+    count = mask.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kl = (np.asarray(token_stats[kl_key], np.float64) * mask).sum(-1) / count
+        h = (np.asarray(token_stats[h_key], np.float64) * mask).sum(-1) / count
+    return np.where(count > 0, kl, np.nan), np.where(count > 0, h, np.nan)
+
+
+def score_rewards(texts, examples, n: int, *, reward: str = "vl_calibration", vision_kl=None, vision_entropy=None,
+                  **weights) -> dict[str, np.ndarray]:
+    """Rewards of N = len(examples) * n responses (PAPER.md section 3) and GRPO advantages."""
+    golds = [ex.answer for ex in examples for _ in range(n)]
+    choices = [ex.choices for ex in examples for _ in range(n)]
+    out = rewards.get(reward)(list(texts), golds, choices=choices, vision_kl=vision_kl,
+                              vision_entropy=vision_entropy, **weights)
+    out["advantage"] = np.asarray(grpo.group_advantages(np.asarray(out["reward"], np.float32), n))
+    return out

@@ -1,0 +1,243 @@
+"""The device side of one VL-Calibration RL step: scoring (VCE + reference) and the update.
+
+`score` runs the teacher-forced passes of PAPER.md section 4 (clean image, K perturbed
+images with a fresh mask per response, reference model) in one jit; `make_train_step`
+builds the ONE compiled update of sections 5-6 (TAR weights and perception filter from
+the per-token arrays, clipped surrogate + k3 reference KL, AdamW with global-norm clipping),
+with donated state and explicit shardings when a mesh is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vlcal_jax import parallel
+from vlcal_jax.models import qwen3_vl, text
+from vlcal_jax.models.config import ModelConfig
+from vlcal_jax.rl import certainty, grpo, losses, perturb
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Hyper-parameters of the update and of VCE scoring (PAPER.md sections 4-6 defaults)."""
+
+    loss: str = "vl_calibration"
+    samples_per_prompt: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float = 3.0
+    kl_coef: float = 1e-4
+    kl_clamp: float = 10.0
+    w_min: float = 0.9
+    w_max: float = 1.1
+    lambda_tar: float = 0.1
+    filter_top_p: float = 0.2
+    learning_rate: float = 1e-6
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    logprob_chunk: int = 256
+    vce_kind: str = "blackout"  # blackout | noise | grey (PAPER.md section 4 ablations)
+    vce_prob: float = 0.8
+    vce_noise_std: float = 189.0
+    vce_grey: float = 128.0
+    vce_k: int = 1
+
+    def loss_options(self) -> dict:
+        return {"w_min": self.w_min, "w_max": self.w_max, "lambda_tar": self.lambda_tar,
+                "filter_top_p": self.filter_top_p}
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+class RLBatch(NamedTuple):
+    """One update batch of N = prompts * n responses of M tokens (rows of a prompt adjacent).
+
+    inputs: prompt + response rows [N, Tp + M] (vision once per prompt, shared via image_index);
+    response_mask/vision_mask [N, M]; advantages [N]; old_logp/ref_logp [N, M]; token_k3,
+    token_nll, token_kl, token_entropy [N, M] (VCE per-token statistics from `score`).
+    """
+
+    inputs: qwen3_vl.ModelInputs
+    response_mask: jax.Array
+    vision_mask: jax.Array
+    advantages: jax.Array
+    old_logp: jax.Array
+    ref_logp: jax.Array
+    token_k3: jax.Array
+    token_nll: jax.Array
+    token_kl: jax.Array
+    token_entropy: jax.Array
+
+
+def response_hidden(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, num_response: int):
+    """Final hidden states [N, M, D] that predict the last `num_response` tokens of each row."""
+    hidden = qwen3_vl.apply(config, params, inputs, return_hidden=True)
+    length = hidden.shape[1]
+    return hidden[:, length - num_response - 1:length - 1]
+
+
+def token_logprobs(hidden, kernel, targets, chunk_size: int):
+    """log pi(target) [N, M] from hidden [N, M, D] and the [D, V] head, chunked over M with
+    rematerialisation, so neither the forward nor the backward holds [N, M, V] logits."""
+    n, m, _ = hidden.shape
+    chunks = -(-m // chunk_size)
+    pad = chunks * chunk_size - m
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, chunks, chunk_size, -1).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(n, chunks, chunk_size).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        hc, tc = args
+        logits = jnp.einsum("ncd,dv->ncv", hc, kernel.astype(hc.dtype), preferred_element_type=jnp.float32)
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tc[..., None], axis=-1)[..., 0]
+
+    out = jax.lax.map(one, (h, t))
+    return out.swapaxes(0, 1).reshape(n, chunks * chunk_size)[:, :m]
+
+
+def perturbed_inputs(config: ModelConfig, inputs: qwen3_vl.ModelInputs, n: int, rng, rl: RLConfig):
+    """Inputs whose images are perturbed independently for every response (PAPER.md section 4:
+    a fresh mask per response): each prompt image is repeated n times and row r reads copy r % n."""
+    vis = inputs.vision
+    images, patches, dim = vis.pixel_values.shape
+    slots = patches // config.vision.merge_unit
+    rep = functools.partial(jnp.repeat, repeats=n, axis=0)
+    flat = rep(vis.pixel_values).reshape(images * n * patches, dim)
+    if rl.vce_kind == "blackout":
+        flat = perturb.patch_blackout(flat, rng, prob=rl.vce_prob)
+    elif rl.vce_kind == "noise":
+        flat = perturb.gaussian_noise(flat, rng, std_pixels=rl.vce_noise_std,
+                                      temporal_patch_size=config.vision.temporal_patch_size)
+    elif rl.vce_kind == "grey":
+        flat = perturb.grey_mask(flat, value=rl.vce_grey)
+    else:
+        raise ValueError(f"vce_kind={rl.vce_kind!r}: the RL scorer supports blackout, noise, grey "
+                         "(blur needs static image grids; use rl.perturb.blur offline)")
+    copy = (jnp.arange(inputs.input_ids.shape[0]) % n)[:, None]
+    index = inputs.image_index
+    new_index = ((index // slots) * n + copy) * slots + index % slots
+    new_vis = vis._replace(pixel_values=flat.reshape(images * n, patches, dim), rope_hw=rep(vis.rope_hw),
+                           interp_index=rep(vis.interp_index), interp_weight=rep(vis.interp_weight),
+                           patch_mask=rep(vis.patch_mask))
+    return inputs._replace(image_index=new_index, vision=new_vis)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rl", "num_response"))
+def score(config: ModelConfig, params, ref_params, inputs: qwen3_vl.ModelInputs, rng, *, rl: RLConfig,
+          num_response: int) -> dict:
+    """Per-token statistics [N, M] of the sampled responses under the old policy (clean and
+    K perturbed images) and the reference model: logp, nll, entropy, kl (exact), kl_sample,
+    k3 (averaged over K), ref_logp. Rows without images get zero perturbation statistics."""
+    targets = inputs.input_ids[:, -num_response:]
+    kernel = text.lm_head_kernel(config, params)
+    hidden = response_hidden(config, params, inputs, num_response)
+    if inputs.vision is not None:
+        keys = jax.random.split(rng, rl.vce_k)
+        hidden_pert = jax.vmap(lambda key: response_hidden(
+            config, params, perturbed_inputs(config, inputs, rl.samples_per_prompt, key, rl), num_response))(keys)
+    else:
+        hidden_pert = hidden[None]
+    stats = certainty.chunked_token_stats(hidden, hidden_pert, kernel.astype(hidden.dtype), targets,
+                                          chunk_size=min(rl.logprob_chunk, num_response))
+    stats = certainty.mean_over_perturbations(stats)
+    ref_hidden = response_hidden(config, ref_params, inputs, num_response)
+    stats["ref_logp"] = token_logprobs(ref_hidden, text.lm_head_kernel(config, ref_params), targets,
+                                       min(rl.logprob_chunk, num_response))
+    return stats
+
+
+def loss_fn(params, config: ModelConfig, rl: RLConfig, batch: RLBatch):
+    """The VL-Calibration objective of PAPER.md sections 5-6 -> (loss, metrics)."""
+    num_response = batch.response_mask.shape[1]
+    targets = batch.inputs.input_ids[:, -num_response:]
+    hidden = response_hidden(config, params, batch.inputs, num_response)
+    logp = token_logprobs(hidden, text.lm_head_kernel(config, params), targets, min(rl.logprob_chunk, num_response))
+    response = batch.response_mask.astype(bool)
+    token_stats = {"k3": batch.token_k3, "nll": batch.token_nll, "kl": batch.token_kl,
+                   "entropy": batch.token_entropy}
+    advantages = grpo.token_advantages(batch.advantages, response)
+    effective, pg_mask, prep_metrics = losses.get(rl.loss)(token_stats, advantages, response, batch.vision_mask,
+                                                           rl.loss_options())
+    loss, metrics = grpo.policy_loss(logp, batch.old_logp, batch.ref_logp, effective, response, pg_mask,
+                                     clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,
+                                     kl_coef=rl.kl_coef, kl_clamp=rl.kl_clamp)
+    metrics = {**metrics, **{k: v for k, v in prep_metrics.items() if k != "filter_keep_frac"}}
+    metrics["response_tokens"] = jnp.sum(response).astype(jnp.float32)
+    return loss, metrics
+
+
+def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (PAPER.md section 6: lr 1e-6, wd 1e-2, clip 1.0)."""
+    schedule = (optax.linear_schedule(0.0, rl.learning_rate, rl.warmup_steps) if rl.warmup_steps
+                else rl.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(rl.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=rl.weight_decay))
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Optimizer state is created under jit so it inherits the params' shardings."""
+    return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
+
+
+def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng):
+    del rng  # the update is deterministic; kept in the signature for stochastic variants
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, config, rl, batch)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = TrainState(state.step + finite.astype(jnp.int32), keep(params, state.params),
+                           keep(opt_state, state.opt_state))
+    metrics = {**metrics, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.float32)}
+    return new_state, metrics
+
+
+def batch_shardings(batch, mesh):
+    """Rows split over ("data", "fsdp") where they divide evenly; position_ids carry the batch
+    on axis 1; vision arrays split over images; anything else is replicated."""
+    size = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def one(path, leaf):
+        name = parallel.path_str(path)
+        axis = 1 if name.endswith("position_ids") else 0
+        if leaf.ndim == 0 or leaf.shape[axis] % size:
+            return NamedSharding(mesh, P())
+        spec = [None] * leaf.ndim
+        spec[axis] = parallel.BATCH
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def make_train_step(config: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransformation, mesh=None):
+    """`train_step(state, batch, rng) -> (state, metrics)`: one jit, state donated. With a mesh,
+    the step is compiled with explicit in/out shardings (state as it is sharded, batch rows
+    over ("data", "fsdp"), metrics replicated)."""
+    step = functools.partial(_step, config, rl, optimizer)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    compiled = {}
+
+    def train_step(state, batch, rng):
+        key = jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch))
+        if key not in compiled:
+            state_sh = jax.tree.map(lambda x: x.sharding, state)
+            compiled[key] = jax.jit(step, donate_argnums=0,
+                                    in_shardings=(state_sh, batch_shardings(batch, mesh), parallel.replicated(mesh)),
+                                    out_shardings=(state_sh, parallel.replicated(mesh)))
+        return compiled[key](state, batch, rng)
+
+    return train_step
