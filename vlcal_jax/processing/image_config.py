@@ -116,6 +116,38 @@ class ImageProcessorConfig:
             raise ValueError(f"{file}: resample={fields['resample']} is not supported; only 3 (bicubic)")
         return cls(**fields)
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` contents, in the layout Qwen3-VL checkpoints ship."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessorFast",
+            "processor_class": "Qwen3VLProcessor",
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+            "size": {"shortest_edge": int(self.min_pixels), "longest_edge": int(self.max_pixels)},
+            "patch_size": int(self.patch_size),
+            "temporal_patch_size": int(self.temporal_patch_size),
+            "merge_size": int(self.merge_size),
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "rescale_factor": float(self.rescale_factor),
+            "resample": int(self.resample),
+        }
+
+    def save_pretrained(self, path: str | os.PathLike) -> str:
+        """Writes `<path>/preprocessor_config.json` (creating the directory); returns the file.
+
+        Both `ImageProcessorConfig.from_pretrained` and transformers'
+        `Qwen2VLImageProcessor(Pil|Fast).from_pretrained` read it back to these settings.
+        """
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        file = os.path.join(path, "preprocessor_config.json")
+        with open(file, "w", encoding="utf-8") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)
+        return file
+
 
 def resolve_image_config(config: Any) -> ImageProcessorConfig:
     """An ImageProcessorConfig from itself or from a model config with a `vision` section.
