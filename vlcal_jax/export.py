@@ -29,9 +29,10 @@ from vlcal_jax.models.config import ModelConfig
 
 METADATA = "vlcal_jax.json"  # what vlcal_jax adds to the HF files: {"prompt": instruction name}
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-_FETCH = ("Download the model directory (e.g. `huggingface-cli download Qwen/Qwen3-VL-4B-Instruct "
-          "--local-dir DIR` on a machine with internet access; it holds all of these files), or export "
-          "a trained model with vlcal_jax.export.export_model_dir.")
+_FETCH = ("Download a checkpoint on a machine with internet access (e.g. `huggingface-cli download "
+          "Qwen/Qwen3-VL-4B-Instruct --local-dir DIR`, which fetches config.json, model*.safetensors, "
+          "tokenizer.json, tokenizer_config.json and preprocessor_config.json) and copy DIR here, or export a "
+          "trained model with vlcal_jax.export.export_model_dir.")
 
 
 class ModelDir(NamedTuple):
