@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -49,7 +51,13 @@ def hf_shape(config: ModelConfig, spec: ParamSpec) -> tuple[int, ...]:
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: float = 0.02):
-    """Normal(0, std) weights, unit norm scales, zero biases (HF's `_init_weights` scheme)."""
+    """Normal(0, std) weights, unit norm scales, zero biases (HF's `_init_weights` scheme).
+    One compiled program for the whole tree (per-leaf random draws would each compile)."""
+    return _init_jit(config, rng, jnp.dtype(dtype), std)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_jit(config: ModelConfig, rng: jax.Array, dtype, std: float):
     from vlcal_jax.models.checkpoint import _set, _to_ours
 
     params: dict = {}
@@ -57,7 +65,7 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, std: flo
     keys = jax.random.split(rng, len(specs))
     for key, spec in zip(keys, specs):
         shape = hf_shape(config, spec)
-        ours = _to_ours(jnp.zeros(shape, jnp.float32), spec.transform).shape
+        ours = jax.eval_shape(lambda s=shape, t=spec.transform: _to_ours(jnp.zeros(s), t)).shape
         full = ((spec.layers,) if spec.layers else ()) + tuple(ours)
         leaf = spec.path[-1]
         if leaf == "bias":

@@ -53,7 +53,16 @@ PLAIN_INSTRUCTION = (
     "final answer MUST BE put in \\boxed{}."
 )
 
-INSTRUCTIONS = {"decoupled": DECOUPLED_INSTRUCTION, "rlcr": RLCR_INSTRUCTION, "plain": PLAIN_INSTRUCTION}
+# A compact decoupled instruction for small models trained from scratch (the CPU demo), whose
+# prompts would otherwise be mostly instruction: same format, a few dozen tokens.
+DECOUPLED_SHORT_INSTRUCTION = (
+    "Answer as <think><vision>what you see</vision><reasoning>your deduction</reasoning></think> "
+    "\\boxed{answer} <analysis>how sure you are</analysis><confidence><vision_confidence>0-10"
+    "</vision_confidence><reasoning_confidence>0-10</reasoning_confidence></confidence>"
+)
+
+INSTRUCTIONS = {"decoupled": DECOUPLED_INSTRUCTION, "decoupled_short": DECOUPLED_SHORT_INSTRUCTION,
+                "rlcr": RLCR_INSTRUCTION, "plain": PLAIN_INSTRUCTION}
 
 
 def format_question(question: str, mode: str = "decoupled") -> str:

@@ -31,7 +31,8 @@ class PromptBatch:
 def encode_examples(examples: Sequence, tokenizer, config: ModelConfig, image_config, *, mode: str = "decoupled",
                     length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
                     patch_bucket: int | None = None, num_images: int | None = None) -> PromptBatch:
-    """Examples (question with `<image>` placeholders, PIL images) -> a PromptBatch."""
+    """Examples (question with `<image>` placeholders, PIL images) -> a PromptBatch. `mode`
+    picks the instruction (processing.INSTRUCTIONS: decoupled, decoupled_short, rlcr, plain)."""
     merge = config.vision.spatial_merge_size
     texts, all_images, grids = [], [], []
     for ex in examples:

@@ -187,8 +187,21 @@ def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """Optimizer state is created under jit so it inherits the params' shardings."""
-    return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
+    """Step counter and optimizer state on the params' devices: moments sharded like their params,
+    scalars replicated. The shardings are explicit because the init's outputs do not depend on the
+    params' values, so a plain `jit(optimizer.init)` prunes its inputs and puts everything on
+    device 0, which a mesh-sharded train step cannot take (and which would not fit at scale)."""
+    leaves = jax.tree.leaves(params)
+    if not leaves or not all(isinstance(x, jax.Array) for x in leaves):
+        return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
+    first = leaves[0].sharding
+    scalar = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
+                                   transform_non_params=lambda _: scalar)
+    init = jax.jit(lambda p: (jnp.zeros((), jnp.int32), optimizer.init(p)), out_shardings=(scalar, opt_sh))
+    step, opt_state = init(params)
+    return TrainState(step, params, opt_state)
 
 
 def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng):

@@ -1,0 +1,36 @@
+"""The embedded default: a small Qwen3-VL-architecture model trained from scratch on generated
+scenes, on any laptop CPU. Warm start (format + overconfident 9-10/10 confidences), then
+VL-Calibration RL; prints calibration before/after and writes plots.
+
+    python -m vlcal_jax.train --config experiments/cpu_demo.py
+"""
+
+from vlcal_jax.configs import default_config
+
+
+def get_config():
+    c = default_config()
+    c.workdir = "outputs/cpu_demo"
+    c.data.num_examples = 3000
+    c.data.test_fraction = 0.1
+    c.data.scene = dict(image_size=64, max_objects=5)
+    c.data.min_pixels = 64 * 64
+    c.data.max_pixels = 64 * 64
+    c.data.length_buckets = (128,)  # one bucket: one compiled shape per stage
+    c.rl.prompt = "decoupled_short"
+    c.sft.steps = 150
+    c.sft.batch_size = 32
+    c.sft.learning_rate = 2e-3
+    c.rl.steps = 40
+    c.rl.prompts_per_step = 16
+    c.rl.samples_per_prompt = 4
+    c.rl.max_new_tokens = 96
+    c.rl.learning_rate = 5e-5
+    c.rl.kl_coef = 1e-3
+    c.rl.logprob_chunk = 96
+    c.eval.size = 128
+    c.eval.every = 20
+    c.eval.batch_size = 64
+    c.eval.temperature = 0.0  # greedy: a noise-free before/after comparison
+    c.checkpoint.every = 20
+    return c

@@ -1,0 +1,109 @@
+"""Default experiment configuration (ml_collections); experiments/*.py start from it.
+
+Every field is documented where it is set; PAPER.md section 6 gives the released run's values,
+which are the defaults of `rl`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "outputs/run"
+    c.log_every = 1
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)  # -1: the remaining devices
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # HF Qwen3-VL directory (config.json, safetensors, tokenizer.json, preprocessor_config.json)
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.remat = False
+    # used only when model.path is empty: a small Qwen3-VL-architecture model trained from scratch
+    c.model.init = ml_collections.ConfigDict(dict(
+        vocab_size=600, tie_word_embeddings=True,
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, rope_theta=10000.0, mrope_section=(4, 6, 6)),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=8,
+                    num_position_embeddings=64, deepstack_visual_indexes=(0,)),
+    ))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "scenes"  # scenes | records (EasyR1 parquet / JSONL)
+    c.data.path = ""  # scenes: where the generated set lives (default workdir/data)
+    c.data.seed = 0
+    c.data.num_examples = 4000
+    c.data.test_fraction = 0.1
+    c.data.teacher_error_rate = 0.0
+    c.data.scene = ml_collections.ConfigDict(dict(image_size=64, max_objects=6))
+    c.data.train_files = ()
+    c.data.eval_files = ()
+    c.data.eval_benchmark = ""  # a name from vlcal_jax.data.benchmarks
+    c.data.eval_benchmark_dir = ""
+    c.data.image_dir = ""
+    c.data.prompt_key = "problem"
+    c.data.answer_key = "answer"
+    c.data.image_key = "images"
+    c.data.id_key = ""
+    c.data.choices_key = ""
+    c.data.answer_type_key = ""
+    c.data.category_key = ""
+    c.data.min_pixels = 0  # 0: the processor's value
+    c.data.max_pixels = 0
+    c.data.length_buckets = (64, 128, 256, 512, 1024, 2048, 4096)
+    c.data.patch_bucket = 0  # 0: derived from the largest image of each batch
+    c.data.max_images_per_prompt = 1
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 0  # supervised warm start on teacher responses (scenes only)
+    c.sft.batch_size = 32
+    c.sft.learning_rate = 1e-3
+    c.sft.weight_decay = 0.01
+    c.sft.warmup_steps = 10
+    c.sft.overconfident = True  # teacher states 9-10 / 10 regardless of correctness
+    c.sft.confidence_low = 9
+    c.sft.confidence_high = 10
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.steps = 100
+    c.rl.prompts_per_step = 256
+    c.rl.samples_per_prompt = 8
+    c.rl.max_new_tokens = 4096
+    c.rl.temperature = 1.0
+    c.rl.top_p = 1.0
+    c.rl.mode = "decoupled"  # decoupled | rlcr | plain: the response format (parser)
+    c.rl.prompt = "decoupled"  # the instruction: processing.INSTRUCTIONS (decoupled_short for tiny models)
+    c.rl.reward = "vl_calibration"  # vl_calibration | rlcr | rlcr_vlm | rlvr | rlvr_easyr1
+    c.rl.reward_weights = ml_collections.ConfigDict(dict(lambda_acc=1.0, lambda_cal=2.0, lambda_fmt=0.4,
+                                                         lambda_vis=0.4))
+    c.rl.soft_label_variant = "paper"  # paper (exact KL / entropy) | released (sampled-token proxies)
+    c.rl.loss = "vl_calibration"  # see vlcal_jax.rl.losses.names()
+    c.rl.clip_low = 0.2
+    c.rl.clip_high = 0.3
+    c.rl.dual_clip = 3.0
+    c.rl.kl_coef = 1e-4
+    c.rl.w_min = 0.9
+    c.rl.w_max = 1.1
+    c.rl.lambda_tar = 0.1
+    c.rl.filter_top_p = 0.2
+    c.rl.learning_rate = 1e-6
+    c.rl.weight_decay = 1e-2
+    c.rl.grad_clip = 1.0
+    c.rl.warmup_steps = 0
+    c.rl.logprob_chunk = 512
+    c.rl.vce_kind = "blackout"
+    c.rl.vce_prob = 0.8
+    c.rl.vce_k = 1
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.size = 500
+    c.eval.every = 0
+    c.eval.before_rl = True
+    c.eval.batch_size = 64
+    c.eval.temperature = 0.6
+    c.eval.top_p = 0.95
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))
+    return c

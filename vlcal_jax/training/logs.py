@@ -1,0 +1,127 @@
+"""Metric logging (JSONL + TensorBoard), progress bars, training plots and the final summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+log = logging.getLogger("vlcal_jax.train")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_vlcal", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._vlcal = True
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class MetricWriter:
+    """Scalars to `workdir/metrics.jsonl` and TensorBoard event files under `workdir/tb`."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if np.isscalar(v) and np.isfinite(float(v))}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        for key, value in clean.items():
+            self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def progress(iterable, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_training(workdir: str, summary: dict) -> list[str]:
+    """Training curves (reward, accuracy, stated confidence, eval ECE/AUROC) as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(workdir) if "reward/reward" in r]
+    evals = [r for r in read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
+    paths = []
+    if rows:
+        steps = [r["step"] for r in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, keys, title in (
+                (axes[0], ("reward/reward",), "reward"),
+                (axes[1], ("reward/accuracy", "reward/confidence"), "accuracy vs stated confidence (train rollouts)"),
+                (axes[2], ("reward/vision_confidence", "reward/soft_label", "perception/correct"),
+                 "vision confidence vs VCE soft label and perception truth")):
+            for key in keys:
+                values = [r.get(key, np.nan) for r in rows]
+                if np.isfinite(values).any():
+                    ax.plot(steps, values, label=key)
+            ax.set_title(title)
+            ax.set_xlabel("RL step")
+            ax.legend()
+        fig.tight_layout()
+        path = os.path.join(workdir, "training_curves.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = [r["step"] for r in evals]
+        for key in ("eval/accuracy", "eval/ece", "eval/auroc"):
+            values = [r.get(key, np.nan) for r in evals]
+            if np.isfinite(values).any():
+                ax.plot(steps, values, marker="o", label=key)
+        ax.set_xlabel("RL step")
+        ax.set_title("held-out calibration")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(workdir, "eval_curves.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def print_summary(summary: dict) -> None:
+    before, after = summary.get("before_rl") or {}, summary.get("after_rl") or {}
+    keys = [k for k in ("accuracy", "format_rate", "ece", "auroc", "brier", "mean_confidence",
+                        "perception_accuracy", "vision_ece", "vision_auroc", "vision_mean_confidence",
+                        "reasoning_ece", "reasoning_auroc") if k in after or k in before]
+    lines = ["", f"{'metric':28s} {'before RL':>10s} {'after RL':>10s}"]
+    for key in keys:
+        b, a = before.get(key, float("nan")), after.get(key, float("nan"))
+        lines.append(f"{key:28s} {b:10.3f} {a:10.3f}")
+    lines.append(f"model: {summary.get('model_dir')}")
+    lines += [f"plot: {p}" for p in summary.get("plots", [])]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,77 @@
+"""The model, tokenizer and image processor: a HF Qwen3-VL directory, or a small model from scratch."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlcal_jax import models, processing
+
+log = logging.getLogger("vlcal_jax.train")
+
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def eos_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return [i for i in ids if i is not None and i >= 0]
+
+
+def from_scratch_config(m: ml_collections.ConfigDict, tokenizer) -> models.ModelConfig:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    v, t = m.init.vision, m.init.text
+    return models.ModelConfig(
+        vision=models.VisionConfig(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                   num_heads=v.num_heads, patch_size=v.patch_size, out_hidden_size=t.hidden_size,
+                                   num_position_embeddings=v.num_position_embeddings,
+                                   deepstack_visual_indexes=tuple(v.deepstack_visual_indexes)),
+        text=models.TextConfig(vocab_size=len(tokenizer), hidden_size=t.hidden_size,
+                               intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+                               num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                               head_dim=t.head_dim, rope_theta=t.rope_theta, mrope_section=tuple(t.mrope_section)),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=m.init.tie_word_embeddings, dtype=m.compute_dtype, remat=m.remat)
+
+
+def setup_model(config: ml_collections.ConfigDict, data, rng):
+    """-> (tokenizer, ModelConfig, params, ImageProcessorConfig)."""
+    m, d = config.model, config.data
+    pixels = {k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)) if v}
+    if m.path:
+        from vlcal_jax import export
+
+        model_config, params, tokenizer, image_config = export.load_model_dir(m.path, dtype=jnp.dtype(m.param_dtype))
+        model_config = model_config.replace(dtype=m.compute_dtype, remat=m.remat)
+        if pixels:
+            image_config = dataclasses.replace(image_config, **pixels)
+        return tokenizer, model_config, params, image_config
+    tok_dir = os.path.join(config.workdir, "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        tokenizer = processing.load_tokenizer(tok_dir)
+    else:
+        if not data.teacher_texts:
+            raise ValueError("training from scratch needs text to fit a tokenizer: use data.kind='scenes' "
+                             "or set model.path to a Qwen3-VL checkpoint directory")
+        # the instruction of every prompt is the most frequent text: weight it so it compresses well
+        texts = list(data.teacher_texts) + [processing.INSTRUCTIONS[config.rl.prompt]] * 500
+        tokenizer = processing.train_demo_tokenizer(texts, m.init.vocab_size, tok_dir)
+    model_config = from_scratch_config(m, tokenizer)
+    params = models.init_params(model_config, rng, dtype=jnp.dtype(m.param_dtype))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    log.info("model from scratch: %.2fM parameters, vocab %d", n_params / 1e6, len(tokenizer))
+    image_config = processing.ImageProcessorConfig.qwen3_vl(patch_size=m.init.vision.patch_size, **pixels)
+    return tokenizer, model_config, params, image_config
+
+
+def export(model_config, params, tokenizer, image_config, out_dir: str, prompt: str | None = None) -> None:
+    """Writes an HF-format model directory that `python -m vlcal_jax.evaluate/predict` and
+    transformers load."""
+    from vlcal_jax import export as exporter
+
+    exporter.export_model_dir(model_config, params, tokenizer, image_config, out_dir, prompt=prompt)

@@ -1,0 +1,82 @@
+"""Supervised warm start: teacher-forced cross-entropy on responses in the decoupled format.
+
+A model trained from scratch (the CPU demo) first has to learn the output format of
+PAPER.md section 2 before RL can calibrate it; real Qwen3-VL checkpoints skip this stage.
+The step is one jit with donated state, like the RL update.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vlcal_jax.models import text
+from vlcal_jax.models.config import ModelConfig
+from vlcal_jax.rl import rollout, step
+
+_CONF = re.compile(r"<(vision_confidence|reasoning_confidence)>\s*\d+(\.\d+)?\s*</\1>")
+
+
+def override_confidences(response: str, rng: np.random.Generator, low: int = 9, high: int = 10) -> str:
+    """Replaces both stated confidences with integers drawn from [low, high]: an overconfident
+    teacher, like the uncalibrated base models of PAPER.md section 7 (ECE ~0.4)."""
+    return _CONF.sub(lambda m: f"<{m.group(1)}>{int(rng.integers(low, high + 1))}</{m.group(1)}>", response)
+
+
+def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: int, pad_id: int):
+    """Responses -> (tokens int32 [N, length] ending in EOS, lengths [N]); too long -> truncated."""
+    tokens = np.full((len(responses), length), pad_id, np.int32)
+    lengths = np.zeros(len(responses), np.int32)
+    for i, response in enumerate(responses):
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])[:length - 1] + [eos_id]
+        tokens[i, :len(ids)] = ids
+        lengths[i] = len(ids)
+    return tokens, lengths
+
+
+def sft_batch(examples, responses, tokenizer, config: ModelConfig, image_config, *, response_length: int,
+              length_buckets, patch_bucket=None, num_images=None, prompt: str = "decoupled"):
+    """(ModelInputs of prompt + response rows, response mask [N, M])."""
+    prompts = rollout.encode_examples(examples, tokenizer, config, image_config, mode=prompt,
+                                      length_buckets=length_buckets,
+                                      patch_bucket=patch_bucket, num_images=num_images)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokens, lengths = encode_responses(tokenizer, responses, response_length, eos, tokenizer.pad_token_id)
+    inputs = rollout.expand_for_responses(prompts.inputs, tokens, lengths, 1)
+    return inputs, (np.arange(response_length)[None] < lengths[:, None]).astype(np.float32)
+
+
+def sft_loss(params, config: ModelConfig, inputs, response_mask, chunk: int):
+    """Mean negative log-likelihood of the response tokens."""
+    m = response_mask.shape[1]
+    hidden = step.response_hidden(config, params, inputs, m)
+    logp = step.token_logprobs(hidden, text.lm_head_kernel(config, params), inputs.input_ids[:, -m:], min(chunk, m))
+    return -jnp.sum(logp * response_mask) / jnp.maximum(jnp.sum(response_mask), 1.0)
+
+
+def make_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.01, warmup: int = 10):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, max(steps - 1, 1)),
+                                                  max(steps, 2), end_value=0.1 * learning_rate)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def make_sft_step(config: ModelConfig, optimizer, chunk: int = 256):
+    """`sft_step(state, inputs, response_mask) -> (state, metrics)`; one jit, state donated."""
+
+    def sft_step(state: step.TrainState, inputs, response_mask):
+        loss, grads = jax.value_and_grad(sft_loss)(state.params, config, inputs, response_mask, chunk)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_state = step.TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state))
+        return new_state, {"sft_loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.float32)}
+
+    return jax.jit(sft_step, donate_argnums=0)
