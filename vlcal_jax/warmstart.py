@@ -29,6 +29,30 @@ def override_confidences(response: str, rng: np.random.Generator, low: int = 9, 
     return _CONF.sub(lambda m: f"<{m.group(1)}>{int(rng.integers(low, high + 1))}</{m.group(1)}>", response)
 
 
+def convert_teacher(response: str, mode: str) -> str:
+    """A decoupled-format teacher response rewritten in another response format (PAPER.md
+    section 2 baselines): "rlcr" merges vision and reasoning into <think> and states one
+    confidence (the harmonic mean of the two, rounded); "plain" keeps <think> and the answer."""
+    if mode == "decoupled":
+        return response
+    vision = re.search(r"<vision>(.*?)</vision>", response, re.S)
+    reasoning = re.search(r"<reasoning>(.*?)</reasoning>", response, re.S)
+    boxed = re.search(r"</think>(.*?)<analysis>", response, re.S)
+    if not (vision and reasoning and boxed):
+        raise ValueError(f"teacher response is not in the decoupled format: {response[:200]!r}")
+    think = f"<think>{vision.group(1).strip()} {reasoning.group(1).strip()}</think>{boxed.group(1).rstrip()}"
+    if mode == "plain":
+        return think
+    if mode != "rlcr":
+        raise ValueError(f"unknown response mode {mode!r}; use decoupled, rlcr or plain")
+    analysis = re.search(r"<analysis>(.*?)</analysis>", response, re.S)
+    scores = [float(m.group(2)) for m in re.finditer(r"<(vision_confidence|reasoning_confidence)>\s*([\d.]+)",
+                                                       response)]
+    v, r = (scores + [0.0, 0.0])[:2]
+    combined = round(2 * v * r / (v + r)) if v + r > 0 else 0
+    return f"{think} <analysis>{analysis.group(1).strip() if analysis else ''}</analysis><confidence>{combined}</confidence>"
+
+
 def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: int, pad_id: int):
     """Responses -> (tokens int32 [N, length] ending in EOS, lengths [N]); too long -> truncated."""
     tokens = np.full((len(responses), length), pad_id, np.int32)

@@ -13,8 +13,12 @@ log = logging.getLogger("vlcal_jax.train")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """One stderr handler: absl's when running under absl.app (the CLI), else ours."""
+    from absl import logging as absl_logging
+
     root = logging.getLogger()
-    if not any(getattr(h, "_vlcal", False) for h in root.handlers):
+    under_absl = absl_logging.get_absl_handler() in root.handlers
+    if not under_absl and not any(getattr(h, "_vlcal", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._vlcal = True

@@ -30,6 +30,7 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
         if s.overconfident:
             responses = [warmstart.override_confidences(r, rng, s.confidence_low, s.confidence_high)
                          for r in responses]
+        responses = [warmstart.convert_teacher(r, config.rl.mode) for r in responses]
         inputs, mask = warmstart.sft_batch(
             examples, responses, tokenizer, model_config, image_config, response_length=config.rl.max_new_tokens,
             length_buckets=tuple(config.data.length_buckets), patch_bucket=config.data.patch_bucket or None,
