@@ -12,6 +12,10 @@ from vlcal_jax import models
 from vlcal_jax.models import text
 from vlcal_jax.rl import grpo, rollout, step
 
+# XLA options for test-only compilations: LLVM's optimisation passes are most of a CPU compile
+# (31 s -> 11 s for the train step on this 2-core machine) and these programs run for milliseconds.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 # Grids of the prompt images (t, h, w) in patches; all fit the minimum patch bucket.
 GRIDS = ((1, 4, 4), (1, 4, 6), (1, 2, 4), (1, 6, 4))
 
@@ -52,13 +56,13 @@ def random_params(config, seed=0, dtype=np.float32, std=0.02):
     return jax.tree_util.tree_map_with_path(one, shapes)
 
 
-def rollout_inputs(config, *, prompts=4, n=2, response_len=8, seed=0):
-    """Teacher-forcing rows for `prompts` one-image prompts x n random responses.
-
-    Returns (inputs: ModelInputs of numpy arrays [prompts*n, Tp + M], response_mask [N, M])."""
+def rollout_inputs(config, *, prompts=4, n=2, response_len=8, prompt_len=20, seed=0):
+    """Teacher-forcing rows for `prompts` one-image prompts (left-padded to prompt_len) x n random
+    responses. Returns (inputs: ModelInputs of numpy arrays [prompts*n, Tp + M], response_mask [N, M]);
+    the shapes depend only on the arguments, not on the seed."""
     rng = np.random.default_rng(seed)
     ids, mask, pixels, grids = H.make_batch(rng, list(GRIDS[:prompts]), [[i] for i in range(prompts)],
-                                            patch_dim=config.vision.patch_dim)
+                                            patch_dim=config.vision.patch_dim, length=prompt_len)
     prompt_inputs = models.prepare_inputs(config, ids, mask, pixels, grids)
     tokens = rng.integers(1, 300, size=(prompts * n, response_len))
     lengths = rng.integers(response_len // 2, response_len + 1, size=prompts * n)
@@ -67,22 +71,25 @@ def rollout_inputs(config, *, prompts=4, n=2, response_len=8, seed=0):
     return inputs, np.asarray(inputs.attention_mask)[:, -response_len:].astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def policy_logprobs(config, params, inputs, num_response):
+def response_logprobs(config, params, inputs, num_response):
     """log pi(o_t) [N, M] of the sampled response tokens (teacher-forced)."""
     hidden = step.response_hidden(config, params, inputs, num_response)
     targets = inputs.input_ids[:, -num_response:]
     return step.token_logprobs(hidden, text.lm_head_kernel(config, params), targets, num_response)
 
 
-def make_rl_batch(config, params, *, prompts=4, n=2, response_len=8, seed=0, ratio_noise=0.1, ref_noise=0.3,
-                  rewards=None):
+policy_logprobs = jax.jit(response_logprobs, static_argnums=(0, 3), compiler_options=FAST)
+
+
+def make_rl_batch(config, params, *, prompts=4, n=2, response_len=8, prompt_len=20, seed=0, ratio_noise=0.1,
+                  ref_noise=0.3, rewards=None):
     """An RLBatch (numpy leaves) with old/ref log-probs near the current policy's and random VCE stats.
 
     old_logp = logp + N(0, ratio_noise) (so some ratios leave the clip range), ref_logp =
     logp + N(0, ref_noise); advantages from GRPO on `rewards` [N] (random by default)."""
     rng = np.random.default_rng(seed + 1)
-    inputs, response_mask = rollout_inputs(config, prompts=prompts, n=n, response_len=response_len, seed=seed)
+    inputs, response_mask = rollout_inputs(config, prompts=prompts, n=n, response_len=response_len,
+                                           prompt_len=prompt_len, seed=seed)
     logp = np.asarray(policy_logprobs(config, params, inputs, response_len))
     rows, m = response_mask.shape
     vision_mask = response_mask * (np.arange(m)[None] < m // 2 + rng.integers(0, 2, size=(rows, 1)))
@@ -99,15 +106,53 @@ def make_rl_batch(config, params, *, prompts=4, n=2, response_len=8, seed=0, rat
         token_entropy=rng.exponential(2.0, logp.shape).astype(dtype))
 
 
+def fast_compile(jitted, *args, **kwargs):
+    """`jitted` compiled ahead of time for these arguments with the FAST options; call the result
+    with the non-static arguments."""
+    return jitted.lower(*args, **kwargs).compile(compiler_options=FAST)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (a jax.monitoring event) made inside `with counter:` blocks."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+    _registered: "CompileCounter | None" = None
+
+    def __init__(self):
+        self.count, self.active = 0, False
+        if CompileCounter._registered is None:  # listeners cannot be removed one by one: register once
+            jax.monitoring.register_event_duration_secs_listener(CompileCounter._dispatch)
+        CompileCounter._registered = self
+
+    @staticmethod
+    def _dispatch(event, duration, **kwargs):
+        counter = CompileCounter._registered
+        if counter is not None and counter.active and event == CompileCounter.EVENT:
+            counter.count += 1
+
+    def __enter__(self):
+        CompileCounter._registered = self
+        self.count, self.active = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
 def to_host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def max_rel_diff(a, b) -> float:
-    """max over leaves of max|a - b| / max|b| (0 for leaves that are 0 on both sides)."""
-    worst = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+def rel_diffs(a, b) -> dict[str, float]:
+    """Per leaf path: max|a - b| / max|b| (0 where both are 0)."""
+    out = {}
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         err = float(np.abs(x - y).max()) if x.size else 0.0
-        worst = max(worst, err / max(float(np.abs(y).max()) if y.size else 0.0, 1e-30) if err else 0.0)
-    return worst
+        out[jax.tree_util.keystr(path)] = err / max(float(np.abs(y).max()), 1e-30) if err else 0.0
+    return out
+
+
+def max_rel_diff(a, b) -> float:
+    """max over leaves of max|a - b| / max|b|."""
+    return max(rel_diffs(a, b).values(), default=0.0)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from vlcal_jax import parallel
 from vlcal_jax.models import qwen3_vl, text
@@ -190,11 +190,14 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     """Step counter and optimizer state on the params' devices: moments sharded like their params,
     scalars replicated. The shardings are explicit because the init's outputs do not depend on the
     params' values, so a plain `jit(optimizer.init)` prunes its inputs and puts everything on
-    device 0, which a mesh-sharded train step cannot take (and which would not fit at scale)."""
+    device 0, which a mesh-sharded train step cannot take (and which would not fit at scale).
+    Host or uncommitted params are committed to their device: the train step returns committed
+    arrays, and a first call on uncommitted ones would make the second call compile again."""
+    default = SingleDeviceSharding(jax.devices()[0])
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and x.committed else
+                          jax.device_put(x, x.sharding if isinstance(x, jax.Array) else default), params)
     leaves = jax.tree.leaves(params)
-    if not leaves or not all(isinstance(x, jax.Array) for x in leaves):
-        return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
-    first = leaves[0].sharding
+    first = leaves[0].sharding if leaves else default
     scalar = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
