@@ -29,7 +29,12 @@ def get_config():
     c.rl.prompts_per_step = 8
     c.rl.samples_per_prompt = 8
     c.rl.max_new_tokens = 96
-    c.rl.learning_rate = 1e-4
+    c.rl.learning_rate = 5e-5
+    # The paper's objective (TAR, every response token in the policy gradient). The released
+    # run's top-20% perception filter (rl.loss="vl_calibration") keeps only the most
+    # image-dependent tokens, which for a model trained from scratch excludes the confidence
+    # tokens, so the stated confidences would never be updated.
+    c.rl.loss = "vl_calibration_paper"
     c.rl.kl_coef = 1e-3
     c.rl.logprob_chunk = 96
     c.eval.size = 128
