@@ -1,8 +1,9 @@
 """Shared pure layers: norms, activations, rotary helpers, attention.
 
 Norms and softmax always run in float32; matmuls run in the compute dtype of their input.
-`attention` is the single place a TPU/GPU kernel (splash / flash attention) would be swapped in:
-it sees plain [B, T, H, D] arrays and a boolean mask, nothing model-specific.
+`attention` and `decode_attention` are the places a TPU/GPU kernel (splash / flash attention,
+ragged paged attention for decoding) would be swapped in: they see plain arrays and a boolean
+mask, nothing model-specific.
 """
 
 from __future__ import annotations
@@ -77,3 +78,18 @@ def attention(q, k, v, mask, scale):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(batch, tq, heads, dim)
+
+
+def decode_attention(q, k, v, valid, scale):
+    """Grouped-query attention of one new token per row against a KV cache.
+
+    q [N, H, D]; k/v [N, KV, S, D] (the cache layout); valid bool [N, S]. Returns [N, H, D].
+    `attention` with T == 1, laid out so that neither product needs a transpose.
+    """
+    rows, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(rows, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("nkgd,nksd->nkgs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("nkgs,nksd->nkgd", probs, v).reshape(rows, heads, dim)
