@@ -83,13 +83,14 @@ def attention(q, k, v, mask, scale):
 def decode_attention(q, k, v, valid, scale):
     """Grouped-query attention of one new token per row against a KV cache.
 
-    q [N, H, D]; k/v [N, KV, S, D] (the cache layout); valid bool [N, S]. Returns [N, H, D].
-    `attention` with T == 1, laid out so that neither product needs a transpose.
+    q [N, H, D]; k [N, KV, D, S] (keys transposed) and v [N, KV, S, D]; valid bool [N, S].
+    Returns [N, H, D]. `attention` with T == 1; with the keys stored transposed both products
+    are plain (non-transposed) batched matmuls, about half the cost on CPU.
     """
     rows, heads, dim = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(rows, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("nkgd,nksd->nkgs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("nkgd,nkds->nkgs", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("nkgs,nksd->nkgd", probs, v).reshape(rows, heads, dim)

@@ -9,9 +9,10 @@ re-lays the params out once per generate call:
 - the output projection as [V, D] (a vocabulary-major product is the faster one on CPU).
 The copy costs one extra set of decoder weights in memory while sampling (see engine docs).
 
-The cache is a tuple of per-layer (k, v) [N, KV, S, hd] carried through the sampling
-`while_loop` and updated in place at the write position; layers are unrolled, so no cache
-slice is copied in or out of a layer scan.
+The cache is a tuple of per-layer (k [N, KV, hd, S], v [N, KV, S, hd]) carried through the
+sampling `while_loop` and updated in place at the write position; layers are unrolled, so no
+cache slice is copied in or out of a layer scan. Keys are stored transposed so that both
+attention products are plain matmuls (`layers.decode_attention`).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def decode_weights(config: ModelConfig, params) -> DecodeWeights:
 
 
 def decode_layer(config: ModelConfig, w: dict, x, cos, sin, valid, k_cache, v_cache, write_index):
-    """x [N, D]; cos/sin [N, hd]; valid bool [N, S]; k/v_cache [N, KV, S, hd] with this token's
-    key/value written at `write_index` (scalar). Returns (x, k_cache, v_cache)."""
+    """x [N, D]; cos/sin [N, hd]; valid bool [N, S]; k_cache [N, KV, hd, S], v_cache [N, KV, S, hd]
+    with this token's key/value written at `write_index` (scalar). Returns (x, k_cache, v_cache)."""
     tc = config.text
     rows, hd = x.shape[0], tc.head_dim
     q_width, kv_width = tc.num_attention_heads * hd, tc.num_key_value_heads * hd
@@ -73,9 +74,9 @@ def decode_layer(config: ModelConfig, w: dict, x, cos, sin, valid, k_cache, v_ca
     qkv = layers.linear(h, w["qkv"], w["qkv_bias"])
     q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
     q, k = text.qk_norm_rotary(tc, w, q.reshape(rows, -1, hd), k.reshape(rows, -1, hd), cos, sin)
-    at = (0, 0, write_index, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), at)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.reshape(rows, -1, 1, hd).astype(v_cache.dtype), at)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[..., None].astype(k_cache.dtype), (0, 0, 0, write_index))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.reshape(rows, -1, 1, hd).astype(v_cache.dtype),
+                                           (0, 0, write_index, 0))
     out = layers.decode_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid, hd**-0.5)
     x = x + layers.linear(out.reshape(rows, -1), w["o_proj"], w["o_bias"])
     h = layers.rms_norm(x, w["post_norm"], tc.rms_norm_eps)
@@ -85,7 +86,7 @@ def decode_layer(config: ModelConfig, w: dict, x, cos, sin, valid, k_cache, v_ca
 
 
 def decode_step(config: ModelConfig, weights: DecodeWeights, tokens, positions, valid, cache, write_index):
-    """tokens/positions int [N]; valid bool [N, S]; cache: per-layer (k, v) [N, KV, S, hd].
+    """tokens/positions int [N]; valid bool [N, S]; cache: per-layer (k [N, KV, hd, S], v [N, KV, S, hd]).
     Returns (logits float32 [N, V], cache with this step written at `write_index`)."""
     tc = config.text
     x = weights.embed[tokens].astype(config.compute_dtype)
@@ -102,11 +103,11 @@ def decode_step(config: ModelConfig, weights: DecodeWeights, tokens, positions, 
 
 
 def prefill_cache(kv, n: int, max_new_tokens: int, dtype):
-    """Prefill (k, v) [L, B, KV, T, hd] -> per-layer (k, v) [B*n, KV, T + max_new_tokens, hd],
-    each prompt's rows repeated n times (adjacent), room for the new tokens zero."""
-    pad = [(0, 0), (0, 0), (0, max_new_tokens), (0, 0)]
-
-    def one(a):
+    """Prefill (k, v) [L, B, KV, T, hd] -> per-layer (k [B*n, KV, hd, S], v [B*n, KV, S, hd]),
+    S = T + max_new_tokens, each prompt's rows repeated n times (adjacent), new slots zero."""
+    def one(a, time_axis):
+        pad = [(0, 0)] * 4
+        pad[time_axis] = (0, max_new_tokens)
         return jnp.pad(jnp.repeat(a.astype(dtype), n, axis=0), pad)
 
-    return tuple((one(kv[0][i]), one(kv[1][i])) for i in range(kv[0].shape[0]))
+    return tuple((one(kv[0][i].swapaxes(2, 3), 3), one(kv[1][i], 2)) for i in range(kv[0].shape[0]))

@@ -95,14 +95,36 @@ def filter_logits(logits, temperature, top_k: int, top_p, use_top_p: bool = True
 
 def choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p: bool):
     """logits [N, V] -> (token int32 [N], log-prob under the sampling distribution [N] (0 when
-    greedy), log-prob under the untempered, unfiltered policy [N])."""
+    greedy), log-prob under the untempered, unfiltered policy [N]).
+
+    One max pass and one exp pass over the vocabulary serve the policy log-prob and, at
+    temperature 1 without top-k / top-p (the RL rollout setting), the draw as well.
+    """
     logits = logits.astype(jnp.float32)
+    blocks = _blocks(logits, -jnp.inf)
+    block_max = jnp.max(blocks, axis=-1)  # [N, V/BLOCK]
+    peak = jnp.max(block_max, axis=-1)[:, None, None]
+    mass = jnp.sum(jnp.exp(blocks - peak), axis=-1)  # [N, V/BLOCK]
+    policy_lse = peak[:, 0, 0] + jnp.log(jnp.sum(mass, axis=-1))
     if greedy:
-        token = blockwise_argmax(logits).astype(jnp.int32)
+        j = jnp.argmax(block_max, axis=-1)
+        token = _pick(j, _take_block(blocks, j))
         sample_lp = jnp.zeros(token.shape, jnp.float32)
-    else:
+    elif top_k or use_top_p:
         filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
         token = sample(key, filtered)
         sample_lp = jnp.take_along_axis(filtered, token[:, None], axis=-1)[:, 0] - logsumexp(filtered)
-    policy_lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - logsumexp(logits)
+    else:
+        # softmax(logits / T): block masses of exp((logits - peak) / T), reused when T == 1
+        mass_t = jax.lax.cond(temperature == 1.0, lambda: mass,
+                              lambda: jnp.sum(jnp.exp((blocks - peak) / temperature), axis=-1))
+        key_block, key_token = jax.random.split(key)
+        log_mass = jnp.log(mass_t)
+        j = jnp.argmax(log_mass + jax.random.gumbel(key_block, log_mass.shape), axis=-1)
+        inside = (_take_block(blocks, j) - peak[:, 0]) / temperature
+        i = jnp.argmax(inside + jax.random.gumbel(key_token, inside.shape), axis=-1)
+        token = j * BLOCK + i
+        sample_lp = jnp.take_along_axis(inside, i[:, None], axis=-1)[:, 0] - jnp.log(jnp.sum(mass_t, axis=-1))
+    token = token.astype(jnp.int32)
+    policy_lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - policy_lse
     return token, sample_lp, policy_lp
