@@ -4,15 +4,32 @@ The prefill is the model's full forward (`qwen3_vl.apply`, layers under scan) re
 layer's keys and values; decoding (`sampling.decode`) runs one token per row per step through
 unrolled layers against a per-layer cache carried in the loop and written in place.
 
-Memory while sampling (s = bytes per element of the compute dtype, N = B * n rows,
-S = T_prompt + max_new_tokens):
-    KV cache   2 * L * N * S * KV * hd * s
-    weights    the params, plus one decoding-layout copy of the decoder layers
-               (~L * (4 D^2-ish attention + 3 D I MLP) * s; see `decode.decode_weights`)
-    per step   logits N * V * 4 and a few [N, V] float32 temporaries.
-Qwen3-VL-4B (L 36, KV 8, hd 128) in bf16 needs 2*36*8*128*2 = 147,456 B = 144 KiB of cache per
-token; 8 samples x (4096 prompt + 4096 response) tokens = 9.0 GiB per prompt. See the README
-"Sampling memory" table for what fits on TPU v4-8 / v5e-8.
+Memory while sampling B prompts x n samples (N = B * n rows, S = T_prompt + max_new_tokens
+slots per row, s = bytes per element of the compute dtype):
+    KV cache        2 * L * KV * hd * s * N * S     (the prompt's keys are repeated per sample)
+    params          as placed (e.g. sharded by parallel.shard_params)
+    decode weights  one more copy of the decoder layers, L * (D * (H + 2 KV) * hd + H * hd * D
+                    + 3 * D * I) * s, plus V * D * s for an untied head (`decode.decode_weights`)
+    transients      prefill activations (float32 attention scores H * T^2 * 4 bytes per prompt
+                    and layer without a flash kernel), the prompt's keys and values while they
+                    are copied into the cache, logits N * V * 4.
+
+Qwen3-VL-4B and -8B both have L = 36, KV = 8, hd = 128: in bf16 2*36*8*128*2 B = 144 KiB per
+token slot, so one prompt x 8 samples x (4096 prompt + 4096 response) = 65,536 slots = 9.0 GiB.
+Per chip, params and decode weights sharded over all chips, 1 GiB kept for transients:
+
+                    params  decode copy  cache budget  prompts (x8 samples)  token slots
+    4B  v4-8  (4 x 32 GiB)  2.05    1.69     27.3 GiB      3 per chip, 12 per host   198k
+    4B  v5e-8 (8 x 16 GiB)  1.02    0.85     13.1 GiB      1 per chip,  8 per host    96k
+    8B  v4-8  (4 x 32 GiB)  4.10    3.52     23.4 GiB      2 per chip,  8 per host   170k
+    8B  v5e-8 (8 x 16 GiB)  2.05    1.76     11.2 GiB      1 per chip,  8 per host    81k
+
+(4B = 4.4B params, tied head; 8B = 8.8B params, untied head; GiB = 2^30 B.) 4B on v4 at 3 per
+chip leaves ~0.3 GiB: the 4096-token prefill's transients (2 GiB of scores per prompt and
+layer in float32, 0.56 GiB of prompt keys/values per prompt) need a flash-attention kernel or
+2 prompts per chip. Sharing the prompt's cache across the n samples instead of repeating it
+would cut a prompt to (4096 + 8 * 4096) slots = 5.1 GiB. With FSDP-sharded params every decode
+step all-gathers each layer's weights; a (data, tensor) mesh avoids that for long rollouts.
 """
 
 from __future__ import annotations
