@@ -73,10 +73,11 @@ def _rows_constraint(mesh, tree):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "n", "greedy", "top_k", "eos_token_ids",
-                                             "pad_token_id", "use_top_p", "mesh"))
+                                             "pad_token_id", "use_top_p", "suppress_token_ids", "mesh"))
 def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temperature, top_p, *,
                          max_new_tokens: int, n: int, greedy: bool, top_k: int, eos_token_ids: tuple[int, ...],
-                         pad_token_id: int, use_top_p: bool = True, mesh=None) -> SampleOutput:
+                         pad_token_id: int, use_top_p: bool = True, suppress_token_ids: tuple[int, ...] = (),
+                         mesh=None) -> SampleOutput:
     """The whole rollout as one compiled program (see `generate` for the arguments). With a
     `mesh`, rows (caches, tokens, log-probs) stay split over its ("data", "fsdp") axes."""
     batch, prompt_len = inputs.input_ids.shape
@@ -91,7 +92,7 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
     eos = jnp.asarray(eos_token_ids, jnp.int32)
 
     def choose(logits, key):
-        return select.choose(logits, key, greedy, temperature, top_k, top_p, use_top_p)
+        return select.choose(logits, key, greedy, temperature, top_k, top_p, use_top_p, suppress_token_ids)
 
     rng, key = jax.random.split(rng)
     token, slp, plp = choose(jnp.repeat(last_logits, n, axis=0), key)
@@ -165,11 +166,13 @@ def place_inputs(inputs: qwen3_vl.ModelInputs, mesh) -> qwen3_vl.ModelInputs:
 
 def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
-             rng=None, eos_token_ids=(), pad_token_id: int = 0, length_buckets=DEFAULT_LENGTH_BUCKETS,
-             patch_bucket: int | None = None, mesh=None) -> SampleOutput:
+             rng=None, eos_token_ids=(), pad_token_id: int = 0, suppress_token_ids=(),
+             length_buckets=DEFAULT_LENGTH_BUCKETS, patch_bucket: int | None = None, mesh=None) -> SampleOutput:
     """Samples `n` continuations of each processor-format prompt (see models.prepare_inputs).
 
-    temperature == 0 is greedy. Prompts are left-padded to a length bucket and patches to a
+    temperature == 0 is greedy. `suppress_token_ids` are never generated (e.g. the vision
+    placeholders `config.image_token_id` ...: a response holding one cannot be teacher-forced,
+    where such ids are image slots). Prompts are left-padded to a length bucket and patches to a
     patch bucket, so repeated calls with the same buckets reuse one compiled program. With a
     `mesh` (params already placed, e.g. by `parallel.shard_params`), prompts are split over its
     ("data", "fsdp") axes; the batch must divide into those shards.
@@ -193,7 +196,8 @@ def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_value
     out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
                                max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
                                eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id,
-                               use_top_p=top_p < 1.0, mesh=mesh)
+                               use_top_p=top_p < 1.0,
+                               suppress_token_ids=tuple(sorted(int(t) for t in suppress_token_ids)), mesh=mesh)
     if generate_from_inputs._cache_size() > before:
         log.info("compiled generate: batch=%d length=%d patches=%s n=%d max_new_tokens=%d (%d programs)",
                  inputs.input_ids.shape[0], inputs.input_ids.shape[1],

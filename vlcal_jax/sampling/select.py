@@ -93,12 +93,15 @@ def filter_logits(logits, temperature, top_k: int, top_p, use_top_p: bool = True
     return jnp.where(probs >= nucleus_threshold(probs, top_p), logits, -jnp.inf)
 
 
-def choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p: bool):
+def choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p: bool,
+           suppress_token_ids: tuple[int, ...] = ()):
     """logits [N, V] -> (token int32 [N], log-prob under the sampling distribution [N] (0 when
     greedy), log-prob under the untempered, unfiltered policy [N]).
 
-    One max pass and one exp pass over the vocabulary serve the policy log-prob and, at
-    temperature 1 without top-k / top-p (the RL rollout setting), the draw as well.
+    `suppress_token_ids` (static) are never chosen: the sampling distribution is renormalized
+    without them, the policy log-prob is not. One max pass and one exp pass over the vocabulary
+    serve the policy log-prob and, at temperature 1 without top-k / top-p / suppressed ids (the
+    RL rollout setting), the draw as well.
     """
     logits = logits.astype(jnp.float32)
     blocks = _blocks(logits, -jnp.inf)
@@ -106,12 +109,16 @@ def choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p:
     peak = jnp.max(block_max, axis=-1)[:, None, None]
     mass = jnp.sum(jnp.exp(blocks - peak), axis=-1)  # [N, V/BLOCK]
     policy_lse = peak[:, 0, 0] + jnp.log(jnp.sum(mass, axis=-1))
-    if greedy:
+    allowed = logits.at[:, jnp.asarray(suppress_token_ids, jnp.int32)].set(-jnp.inf) if suppress_token_ids else logits
+    if greedy and suppress_token_ids:
+        token = blockwise_argmax(allowed)
+        sample_lp = jnp.zeros(token.shape, jnp.float32)
+    elif greedy:
         j = jnp.argmax(block_max, axis=-1)
         token = _pick(j, _take_block(blocks, j))
         sample_lp = jnp.zeros(token.shape, jnp.float32)
-    elif top_k or use_top_p:
-        filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
+    elif top_k or use_top_p or suppress_token_ids:
+        filtered = filter_logits(allowed, temperature, top_k, top_p, use_top_p)
         token = sample(key, filtered)
         sample_lp = jnp.take_along_axis(filtered, token[:, None], axis=-1)[:, 0] - logsumexp(filtered)
     else:
