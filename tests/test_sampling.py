@@ -152,22 +152,3 @@ def test_sampling_is_deterministic_per_rng(tiny):
     c = sampling.generate(config, params, ids, mask, pv, grid, rng=jax.random.key(10), **kwargs)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
-
-
-def test_suppressed_tokens_are_never_chosen_and_renormalize_only_the_sampling_logprobs(tiny):
-    _, config, params, (ids, mask, pv, grid) = tiny
-    one = (ids[2:3], mask[2:3])
-    logits = np.asarray(models.forward(config, params, *one))[0, -1].astype(np.float64)
-    banned = np.argsort(-logits)[:3]  # the three likeliest tokens, which 2000 free draws would hit
-    allowed = np.delete(np.arange(logits.size), banned)
-    policy = logits - np.log(np.exp(logits).sum())
-    sampling_lp = np.full_like(logits, -np.inf)
-    sampling_lp[allowed] = logits[allowed] - np.log(np.exp(logits[allowed]).sum())
-    out = sampling.generate(config, params, *one, max_new_tokens=1, temperature=1.0, n=2000, rng=jax.random.key(6),
-                            suppress_token_ids=tuple(banned))
-    drawn = np.asarray(out.tokens)[:, 0]
-    assert not np.isin(drawn, banned).any()
-    np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], sampling_lp[drawn], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.policy_logprobs)[:, 0], policy[drawn], atol=1e-5)
-    greedy = sampling.generate(config, params, *one, max_new_tokens=1, temperature=0.0, suppress_token_ids=(banned[0],))
-    assert int(np.asarray(greedy.tokens)[0, 0]) == int(np.argsort(-logits)[1])

@@ -1,9 +1,8 @@
 """Shared pure layers: norms, activations, rotary helpers, attention.
 
 Norms and softmax always run in float32; matmuls run in the compute dtype of their input.
-`attention` and `decode_attention` are the places a TPU/GPU kernel (splash / flash attention,
-ragged paged attention for decoding) would be swapped in: they see plain arrays and a boolean
-mask, nothing model-specific.
+`attention` is the single place a TPU/GPU kernel (splash / flash attention) would be swapped in:
+it sees plain [B, T, H, D] arrays and a boolean mask, nothing model-specific.
 """
 
 from __future__ import annotations
@@ -78,19 +77,3 @@ def attention(q, k, v, mask, scale):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(batch, tq, heads, dim)
-
-
-def decode_attention(q, k, v, valid, scale):
-    """Grouped-query attention of one new token per row against a KV cache.
-
-    q [N, H, D]; k [N, KV, D, S] (keys transposed) and v [N, KV, S, D]; valid bool [N, S].
-    Returns [N, H, D]. `attention` with T == 1; with the keys stored transposed both products
-    are plain (non-transposed) batched matmuls, about half the cost on CPU.
-    """
-    rows, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(rows, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("nkgd,nkds->nkgs", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("nkgs,nksd->nkgd", probs, v).reshape(rows, heads, dim)

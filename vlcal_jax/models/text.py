@@ -1,11 +1,13 @@
 """Qwen3 text decoder with interleaved MRoPE and DeepStack injection, layers under `lax.scan`.
 
-This is the full (teacher-forced / prefill) pass. Single-token decoding against a KV cache
-(`sampling.decode`) reuses `qk_norm_rotary` and the layer math here on weights laid out for
-decoding; tests hold cached log-probs to this forward.
+The same layer function serves the full (teacher-forced / prefill) pass and single-step
+decoding against a preallocated KV cache, so cached decoding is the full forward by
+construction.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,14 @@ import numpy as np
 
 from vlcal_jax.models import layers
 from vlcal_jax.models.config import ModelConfig, TextConfig
+
+
+class KVCache(NamedTuple):
+    """Static-shape cache: k/v [L, B, KV, S, head_dim], valid [B, S] bool (keys that exist)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
 
 
 def mrope_axis(config: TextConfig) -> np.ndarray:
@@ -34,15 +44,14 @@ def mrope_cos_sin(position_ids, config: TextConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def qk_norm_rotary(config: TextConfig, attn, q, k, cos, sin):
-    """Per-head RMSNorm then rotary on q [..., H, hd] and k [..., KV, hd]; cos/sin [..., hd]."""
-    q = layers.apply_rotary(layers.rms_norm(q, attn["q_norm"], config.rms_norm_eps), cos, sin)
-    k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
-    return q, k
+def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index=None):
+    """One layer. x [B, T, D]; mask bool [B, T, S].
 
-
-def decoder_layer(config: TextConfig, p, x, cos, sin, mask):
-    """One layer. x [B, T, D]; mask bool [B, T, T] -> (x, (k, v)), k/v head-major [B, KV, T, hd]."""
+    Without `kv`: keys are this call's own tokens (S == T); returns (x, (k, v)).
+    With `kv=(k_cache, v_cache)` [B, KV, S, hd]: this call's k/v are written at `write_index`
+    (scalar) and attention runs over the whole cache; returns (x, (k_cache, v_cache)).
+    Returned k/v are head-major [B, KV, T or S, hd].
+    """
     batch, length, _ = x.shape
     hd = config.head_dim
     h = layers.rms_norm(x, p["input_norm"], config.rms_norm_eps)
@@ -50,16 +59,25 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask):
     q = layers.linear(h, attn["q_proj"]["kernel"], attn["q_proj"].get("bias")).reshape(batch, length, -1, hd)
     k = layers.linear(h, attn["k_proj"]["kernel"], attn["k_proj"].get("bias")).reshape(batch, length, -1, hd)
     v = layers.linear(h, attn["v_proj"]["kernel"], attn["v_proj"].get("bias")).reshape(batch, length, -1, hd)
-    q, k = qk_norm_rotary(config, attn, q, k, cos, sin)
+    q = layers.apply_rotary(layers.rms_norm(q, attn["q_norm"], config.rms_norm_eps), cos, sin)
+    k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-    out = layers.attention(q, k, v, mask, hd**-0.5).reshape(batch, length, -1)
+    if kv is not None:
+        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=2)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=2)
+        k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        new_kv = (k_cache, v_cache)
+    else:
+        k_all, v_all = k, v
+        new_kv = (k, v)
+    out = layers.attention(q, k_all, v_all, mask, hd**-0.5).reshape(batch, length, -1)
     x = x + layers.linear(out, attn["o_proj"]["kernel"], attn["o_proj"].get("bias"))
     h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)
     mlp = p["mlp"]
     act = layers.activation(config.hidden_act)
     gate = act(layers.linear(h, mlp["gate_proj"]["kernel"]))
     h = layers.linear(gate * layers.linear(h, mlp["up_proj"]["kernel"]), mlp["down_proj"]["kernel"])
-    return x + h, (k, v)
+    return x + h, new_kv
 
 
 def embed_tokens(config: ModelConfig, params, input_ids, image_index=None, image_embeds=None):
@@ -80,9 +98,8 @@ def lm_head_kernel(config: ModelConfig, params):
 
 
 def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None, deepstack=None,
-            return_kv: bool = False):
-    """Runs all layers (scan) and the final norm. x [B, T, D] -> (hidden [B, T, D], kv or None),
-    kv = (k, v) [L, B, KV, T, hd] with `return_kv` (a prefill).
+            cache: KVCache | None = None, write_index=None, return_kv: bool = False):
+    """Runs all layers (scan) and the final norm. x [B, T, D] -> (hidden [B, T, D], kv or None).
 
     DeepStack: after layer i < n_ds, deepstack[i] is added at the image positions
     (`image_slots` = (is_image [B, T], index [B, T]) from `embed_tokens`).
@@ -91,18 +108,19 @@ def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None,
     n_ds = 0 if deepstack is None else deepstack.shape[0]
 
     def body(h, xs):
-        p, i = xs
-        h, kv = decoder_layer(tc, p, h, cos, sin, mask)
+        p, i, kv = xs
+        h, new_kv = decoder_layer(tc, p, h, cos, sin, mask, kv, write_index)
         if n_ds:
             is_image, index = image_slots
             extra = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
             add = jnp.where(is_image[..., None] & (i < n_ds), extra.astype(h.dtype)[index], 0)
             h = h + add
-        return h, (kv if return_kv else None)
+        return h, (new_kv if (return_kv or cache is not None) else None)
 
     if config.remat:
         body = jax.checkpoint(body)
     layer_ids = jnp.arange(tc.num_hidden_layers)
-    x, kv = jax.lax.scan(body, x, (params["text"]["layers"], layer_ids))
+    kv_in = None if cache is None else (cache.k, cache.v)
+    x, kv = jax.lax.scan(body, x, (params["text"]["layers"], layer_ids, kv_in))
     x = layers.rms_norm(x, params["text"]["norm"], tc.rms_norm_eps)
     return x, kv
