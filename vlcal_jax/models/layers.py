@@ -13,9 +13,35 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
+@jax.custom_vjp
+def matmul(x, kernel):
+    """x [..., D_in] @ kernel [D_in, D_out] with the backward written out.
+
+    The kernel gradient is one [D_in, D_out] contraction over all leading axes with x as the
+    left operand. Autodiff's transpose rule produces the same product as (g^T x)^T, for which
+    XLA:CPU writes g (often the widest activation, e.g. the [tokens, 3 * hidden] MLP gate)
+    transposed through a slow strided loop fusion; this form measured 2x faster for a whole
+    MLP's forward + backward and is a plain dot on every backend."""
+    return jnp.einsum("...i,io->...o", x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+    return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, g):
+    x, kernel = residuals
+    d_x = jnp.einsum("...o,io->...i", g, kernel)
+    d_kernel = jnp.einsum("ni,no->io", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
+    return d_x, d_kernel
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def linear(x, kernel, bias=None):
     """x [..., D_in] @ kernel [D_in, D_out] (+ bias) in x's dtype."""
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    y = matmul(x, kernel.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y
@@ -47,6 +73,29 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) * up, the Qwen3 MLP's gated activation.
+
+    Its VJP is written out so the backward reads only the two saved pre-activations (autodiff
+    of silu saves and re-reads sigmoid and product intermediates, which under a layer scan XLA:CPU
+    gathers in slow transposing loop fusions); the math is identical."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, g):
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    return g * up * (sig * (1 + gate * (1 - sig))), g * (gate * sig)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def rotate_half(x):
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -73,7 +122,7 @@ def attention(q, k, v, mask, scale):
     groups = heads // kv_heads
     q = q.reshape(batch, tq, kv_heads, groups, dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)  # additive: its backward is the identity
+    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(batch, tq, heads, dim)

@@ -74,9 +74,12 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
     x = x + layers.linear(out, attn["o_proj"]["kernel"], attn["o_proj"].get("bias"))
     h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)
     mlp = p["mlp"]
-    act = layers.activation(config.hidden_act)
-    gate = act(layers.linear(h, mlp["gate_proj"]["kernel"]))
-    h = layers.linear(gate * layers.linear(h, mlp["up_proj"]["kernel"]), mlp["down_proj"]["kernel"])
+    gate, up = layers.linear(h, mlp["gate_proj"]["kernel"]), layers.linear(h, mlp["up_proj"]["kernel"])
+    if config.hidden_act == "silu":
+        inner = layers.swiglu(gate, up)
+    else:
+        inner = layers.activation(config.hidden_act)(gate) * up
+    h = layers.linear(inner, mlp["down_proj"]["kernel"])
     return x + h, new_kv
 
 

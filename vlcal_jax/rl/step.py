@@ -88,23 +88,66 @@ def response_hidden(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, n
     return hidden[:, length - num_response - 1:length - 1]
 
 
-def token_logprobs(hidden, kernel, targets, chunk_size: int):
-    """log pi(target) [N, M] from hidden [N, M, D] and the [D, V] head, chunked over M with
-    rematerialisation, so neither the forward nor the backward holds [N, M, V] logits."""
-    n, m, _ = hidden.shape
+def _to_chunks(x, chunk_size: int):
+    """[N, M, ...] -> [chunks, N, chunk_size, ...] (M zero-padded to a multiple of chunk_size)."""
+    n, m = x.shape[:2]
     chunks = -(-m // chunk_size)
-    pad = chunks * chunk_size - m
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, chunks, chunk_size, -1).swapaxes(0, 1)
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(n, chunks, chunk_size).swapaxes(0, 1)
+    x = jnp.pad(x, ((0, 0), (0, chunks * chunk_size - m)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape((n, chunks, chunk_size) + x.shape[2:]).swapaxes(0, 1)
 
-    @jax.checkpoint
+
+def _from_chunks(x, m: int):
+    """[chunks, N, chunk_size, ...] -> [N, M, ...]."""
+    x = x.swapaxes(0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :m]
+
+
+def _head_logits(hidden, kernel):
+    return jnp.einsum("ncd,dv->ncv", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def token_logprobs(hidden, kernel, targets, chunk_size: int):
+    """log pi(target) [N, M] from hidden [N, M, D], the [D, V] head and int targets [N, M].
+
+    Chunked over M: neither the forward nor the backward holds [N, M, V] logits. The VJP is
+    written out (logits recomputed per chunk, d logits = g * (onehot - softmax), then the two
+    head matmuls), which is what autodiff of a rematerialised log_softmax computes, minus the
+    broadcasts, pads and transposed copies it adds around the [N, chunk, V] array."""
+    return _token_logprobs_fwd(hidden, kernel, targets, chunk_size)[0]
+
+
+def _token_logprobs_fwd(hidden, kernel, targets, chunk_size):
     def one(args):
-        hc, tc = args
-        logits = jnp.einsum("ncd,dv->ncv", hc, kernel.astype(hc.dtype), preferred_element_type=jnp.float32)
-        return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tc[..., None], axis=-1)[..., 0]
+        h, t = args
+        logits = _head_logits(h, kernel)
+        top = jnp.max(logits, axis=-1)
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+        return jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse, lse
 
-    out = jax.lax.map(one, (h, t))
-    return out.swapaxes(0, 1).reshape(n, chunks * chunk_size)[:, :m]
+    m = hidden.shape[1]
+    logp, lse = jax.lax.map(one, (_to_chunks(hidden, chunk_size), _to_chunks(targets, chunk_size)))
+    return _from_chunks(logp, m), (hidden, kernel, targets, _from_chunks(lse, m))
+
+
+def _token_logprobs_bwd(chunk_size, residuals, g):
+    hidden, kernel, targets, lse = residuals
+
+    def one(d_kernel, args):
+        h, t, lse_c, g_c = args
+        logits = _head_logits(h, kernel)
+        onehot = jnp.arange(logits.shape[-1]) == t[..., None]
+        d_logits = (g_c[..., None] * (onehot - jnp.exp(logits - lse_c[..., None]))).astype(h.dtype)
+        d_h = jnp.einsum("ncv,dv->ncd", d_logits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        d_kernel = d_kernel + jnp.einsum("ncd,ncv->dv", h, d_logits, preferred_element_type=jnp.float32)
+        return d_kernel, d_h.astype(hidden.dtype)
+
+    xs = tuple(_to_chunks(x, chunk_size) for x in (hidden, targets, lse, g.astype(jnp.float32)))
+    d_kernel, d_hidden = jax.lax.scan(one, jnp.zeros(kernel.shape, jnp.float32), xs)
+    return _from_chunks(d_hidden, hidden.shape[1]), d_kernel.astype(kernel.dtype), None
+
+
+token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
 def perturbed_inputs(config: ModelConfig, inputs: qwen3_vl.ModelInputs, n: int, rng, rl: RLConfig):
