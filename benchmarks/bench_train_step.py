@@ -39,23 +39,11 @@ from vlcal_jax import models  # noqa: E402
 from vlcal_jax.models import layers, qwen3_vl  # noqa: E402
 from vlcal_jax.rl import grpo, rollout, step  # noqa: E402
 
+from bench_sampler import hf_config  # noqa: E402  (the same mid-size config as the sampler benchmark)
+
 IMAGE, VIDEO, START, END = 31990, 31991, 31992, 31993
 GRID = (1, 14, 14)  # a 224x224 image at patch 16
 PATCHES = int(np.prod(GRID))
-
-
-def hf_config():
-    from transformers import Qwen3VLConfig
-
-    return Qwen3VLConfig(
-        text_config=dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [12, 10, 10],
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=16,
-                           out_hidden_size=512, num_position_embeddings=256, deepstack_visual_indexes=[1, 2]),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
-        tie_word_embeddings=False)
 
 
 def sequence(rng, length: int, text_before: int = 16):
@@ -140,10 +128,9 @@ def part_a(args, torch, hf, config, params):
     inputs = models.prepare_inputs(config, ids, mask, pixels, grid, patch_bucket=PATCHES)
     targets = jnp.asarray(ids[:, 1:], jnp.int32)
 
-    def loss(p):
-        logits = qwen3_vl.apply(config, p, inputs)[:, :-1]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    def loss(p):  # the library's LM loss path: final hidden states -> chunked head + log-softmax
+        hidden = qwen3_vl.apply(config, p, inputs, return_hidden=True)[:, :-1]
+        return -jnp.mean(step.token_logprobs(hidden, p["lm_head"]["kernel"], targets, targets.shape[1]))
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
     forward = jax.jit(loss)

@@ -7,6 +7,8 @@ it sees plain [B, T, H, D] arrays and a boolean mask, nothing model-specific.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -109,6 +111,35 @@ def apply_rotary(x, cos, sin):
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+def _head_major(q, kv_heads):
+    """[B, T, H, D] -> [B, KV, G, T, D] (query head h = kv * G + g, as HF groups them)."""
+    batch, tq, heads, dim = q.shape
+    return q.reshape(batch, tq, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
+
+
+def _token_major(x):
+    """[B, KV, G, T, D] -> [B, T, H, D]."""
+    batch, kv_heads, groups, tq, dim = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(batch, tq, kv_heads * groups, dim)
+
+
+def _scores(qh, k, mask, scale):
+    """float32 [B, KV, G, T, S] scores with the mask added as 0 / NEG_INF."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, k, preferred_element_type=jnp.float32) * scale
+    return scores + jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
+
+
+def _attention_fwd(q, k, v, mask, scale):
+    qh = _head_major(q, k.shape[1])
+    scores = _scores(qh, k, mask, scale)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    unnorm = jnp.exp(scores - top)
+    total = jnp.sum(unnorm, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", (unnorm / total).astype(v.dtype), v)
+    return _token_major(out), (qh, k, v, mask, out, top + jnp.log(total))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def attention(q, k, v, mask, scale):
     """Grouped-query attention.
 
@@ -116,13 +147,26 @@ def attention(q, k, v, mask, scale):
     head's keys contiguous for decoding) with H % KV == 0; mask bool [B, T, S] (True = attend).
     Returns [B, T, H, D]. Scores and softmax are float32; a fully masked query row gives a
     uniform average (as HF's finfo.min masking does) and is ignored by callers.
+
+    The backward is written out the way flash attention's is: the forward saves q, k, v, the
+    output and the softmax log-normaliser (not the [B, H, T, S] probabilities) and the backward
+    recomputes the probabilities with one extra q k^T. Under a layer scan this keeps the T x T
+    arrays out of the saved residuals (two [L, B, H, T, S] float32 stacks under autodiff).
     """
-    batch, tq, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    q = q.reshape(batch, tq, kv_heads, groups, dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)  # additive: its backward is the identity
-    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(batch, tq, heads, dim)
+    return _attention_fwd(q, k, v, mask, scale)[0]
+
+
+def _attention_bwd(scale, residuals, d_out):
+    qh, k, v, mask, out, lse = residuals
+    d_out = _head_major(d_out, k.shape[1])
+    probs = jnp.exp(_scores(qh, k, mask, scale) - lse)
+    d_v = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (probs * (d_probs - delta) * scale).astype(qh.dtype)
+    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k)
+    d_k = jnp.einsum("bkgts,bkgtd->bksd", d_scores, qh)
+    return _token_major(d_q), d_k, d_v, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
