@@ -170,3 +170,22 @@ def _attention_bwd(scale, residuals, d_out):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def causal_blocks(length: int, min_block: int = 64, max_blocks: int = 8) -> int:
+    """How many query blocks `causal_attention` splits a length-`length` self-attention into."""
+    return max(1, min(max_blocks, length // min_block))
+
+
+def causal_attention(q, k, v, mask, scale, num_blocks: int):
+    """`attention` for self-attention whose mask is causal (mask[:, t, s] is False for s > t, as
+    `qwen3_vl.causal_mask` builds it): query block i attends only to keys [0, end of block i], so
+    the key blocks above the diagonal, fully masked, are never computed (forward or backward).
+    With b blocks that is (b + 1) / 2b of the dense scores and probabilities."""
+    length = q.shape[1]
+    if num_blocks <= 1 or k.shape[2] != length:
+        return attention(q, k, v, mask, scale)
+    bounds = [length * i // num_blocks for i in range(num_blocks + 1)]
+    outs = [attention(q[:, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[:, lo:hi, :hi], scale)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return jnp.concatenate(outs, axis=1)

@@ -70,7 +70,11 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
     else:
         k_all, v_all = k, v
         new_kv = (k, v)
-    out = layers.attention(q, k_all, v_all, mask, hd**-0.5).reshape(batch, length, -1)
+    if kv is None:  # self-attention under the causal mask: skip the key blocks above the diagonal
+        out = layers.causal_attention(q, k_all, v_all, mask, hd**-0.5, layers.causal_blocks(length))
+    else:
+        out = layers.attention(q, k_all, v_all, mask, hd**-0.5)
+    out = out.reshape(batch, length, -1)
     x = x + layers.linear(out, attn["o_proj"]["kernel"], attn["o_proj"].get("bias"))
     h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)
     mlp = p["mlp"]
