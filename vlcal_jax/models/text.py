@@ -44,13 +44,15 @@ def mrope_cos_sin(position_ids, config: TextConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index=None):
+def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index=None, layer=None):
     """One layer. x [B, T, D]; mask bool [B, T, S].
 
-    Without `kv`: keys are this call's own tokens (S == T); returns (x, (k, v)).
-    With `kv=(k_cache, v_cache)` [B, KV, S, hd]: this call's k/v are written at `write_index`
-    (scalar) and attention runs over the whole cache; returns (x, (k_cache, v_cache)).
-    Returned k/v are head-major [B, KV, T or S, hd].
+    Without `kv`: causal self-attention over this call's own tokens (S == T); returns
+    (x, (k, v)) with k/v head-major [B, KV, T, hd].
+    With `kv=(k_stack, v_stack)`, the whole stacked cache [L, B, KV, S, hd], and scalars `layer`
+    and `write_index`: this call's k/v are written at [layer, :, :, write_index], attention runs
+    over layer `layer`'s cache, and the updated stacks are returned, so a decode step writes T
+    positions of the cache instead of copying every layer's cache in and out of the layer scan.
     """
     batch, length, _ = x.shape
     hd = config.head_dim
@@ -63,10 +65,12 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
     k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if kv is not None:
-        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=2)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=2)
-        k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        new_kv = (k_cache, v_cache)
+        start = (layer, 0, 0, write_index, 0)
+        k_stack = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), start)
+        v_stack = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), start)
+        k_all = jax.lax.dynamic_index_in_dim(k_stack, layer, keepdims=False).astype(q.dtype)
+        v_all = jax.lax.dynamic_index_in_dim(v_stack, layer, keepdims=False).astype(q.dtype)
+        new_kv = (k_stack, v_stack)
     else:
         k_all, v_all = k, v
         new_kv = (k, v)
@@ -114,20 +118,31 @@ def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None,
     tc = config.text
     n_ds = 0 if deepstack is None else deepstack.shape[0]
 
+    def add_deepstack(h, i):
+        if not n_ds:
+            return h
+        is_image, index = image_slots
+        extra = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
+        return h + jnp.where(is_image[..., None] & (i < n_ds), extra.astype(h.dtype)[index], 0)
+
+    layer_ids = jnp.arange(tc.num_hidden_layers)
+    if cache is not None:  # decoding: the stacked cache rides in the carry, updated in place
+        def cached_body(carry, xs):
+            h, k_stack, v_stack = carry
+            p, i = xs
+            h, (k_stack, v_stack) = decoder_layer(tc, p, h, cos, sin, mask, (k_stack, v_stack), write_index, layer=i)
+            return (add_deepstack(h, i), k_stack, v_stack), None
+
+        (x, k_out, v_out), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["text"]["layers"], layer_ids))
+        return layers.rms_norm(x, params["text"]["norm"], tc.rms_norm_eps), (k_out, v_out)
+
     def body(h, xs):
-        p, i, kv = xs
-        h, new_kv = decoder_layer(tc, p, h, cos, sin, mask, kv, write_index)
-        if n_ds:
-            is_image, index = image_slots
-            extra = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
-            add = jnp.where(is_image[..., None] & (i < n_ds), extra.astype(h.dtype)[index], 0)
-            h = h + add
-        return h, (new_kv if (return_kv or cache is not None) else None)
+        p, i = xs
+        h, kv = decoder_layer(tc, p, h, cos, sin, mask)
+        return add_deepstack(h, i), (kv if return_kv else None)
 
     if config.remat:
         body = jax.checkpoint(body)
-    layer_ids = jnp.arange(tc.num_hidden_layers)
-    kv_in = None if cache is None else (cache.k, cache.v)
-    x, kv = jax.lax.scan(body, x, (params["text"]["layers"], layer_ids, kv_in))
+    x, kv = jax.lax.scan(body, x, (params["text"]["layers"], layer_ids))
     x = layers.rms_norm(x, params["text"]["norm"], tc.rms_norm_eps)
     return x, kv
