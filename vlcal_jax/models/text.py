@@ -71,13 +71,10 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
         k_all = jax.lax.dynamic_index_in_dim(k_stack, layer, keepdims=False).astype(q.dtype)
         v_all = jax.lax.dynamic_index_in_dim(v_stack, layer, keepdims=False).astype(q.dtype)
         new_kv = (k_stack, v_stack)
-    else:
-        k_all, v_all = k, v
-        new_kv = (k, v)
-    if kv is None:  # self-attention under the causal mask: skip the key blocks above the diagonal
-        out = layers.causal_attention(q, k_all, v_all, mask, hd**-0.5, layers.causal_blocks(length))
-    else:
         out = layers.attention(q, k_all, v_all, mask, hd**-0.5)
+    else:  # self-attention under the causal mask: skip the key blocks above the diagonal
+        new_kv = (k, v)
+        out = layers.causal_attention(q, k, v, mask, hd**-0.5, layers.causal_blocks(length))
     out = out.reshape(batch, length, -1)
     x = x + layers.linear(out, attn["o_proj"]["kernel"], attn["o_proj"].get("bias"))
     h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)

@@ -155,6 +155,28 @@ def token_stats_from_logits(logits_clean: jax.Array, logits_pert: jax.Array, tar
     return {"logp": logp, "nll": -logp, "entropy": entropy, **pert}
 
 
+def to_chunks(x: jax.Array, chunk_size: int, time_axis: int = 1) -> jax.Array:
+    """Splits `time_axis` into chunks and moves the chunk index first: [..., T, ...] ->
+    [num_chunks, ..., chunk_size, ...], T zero-padded to a multiple of chunk_size (for lax.map/scan)."""
+    time_axis %= x.ndim
+    length = x.shape[time_axis]
+    num_chunks = -(-length // chunk_size)
+    widths = [(0, 0)] * x.ndim
+    widths[time_axis] = (0, num_chunks * chunk_size - length)
+    x = jnp.pad(x, widths)
+    x = x.reshape(x.shape[:time_axis] + (num_chunks, chunk_size) + x.shape[time_axis + 1:])
+    return jnp.moveaxis(x, time_axis, 0)
+
+
+def from_chunks(x: jax.Array, length: int, time_axis: int = 1) -> jax.Array:
+    """Inverse of `to_chunks`: [num_chunks, ..., chunk_size, ...] -> [..., length, ...];
+    `time_axis` indexes the result."""
+    time_axis %= x.ndim - 1
+    x = jnp.moveaxis(x, 0, time_axis)
+    x = x.reshape(x.shape[:time_axis] + (-1,) + x.shape[time_axis + 2:])
+    return jax.lax.slice_in_dim(x, 0, length, axis=time_axis)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_size", "precision"))
 def chunked_token_stats(
     hidden_clean: jax.Array,
@@ -181,16 +203,7 @@ def chunked_token_stats(
     single = hidden_pert.ndim == 3
     if single:
         hidden_pert = hidden_pert[None]
-    batch, length, _ = hidden_clean.shape
-    num_chunks = -(-length // chunk_size)
-    pad = num_chunks * chunk_size - length
-
-    def to_chunks(x, time_axis):
-        widths = [(0, 0)] * x.ndim
-        widths[time_axis] = (0, pad)
-        x = jnp.pad(x, widths)
-        x = x.reshape(x.shape[:time_axis] + (num_chunks, chunk_size) + x.shape[time_axis + 1 :])
-        return jnp.moveaxis(x, time_axis, 0)
+    length = hidden_clean.shape[1]
 
     def logits_of(hidden):
         return jnp.einsum("bcd,dv->bcv", hidden, lm_head, precision=precision, preferred_element_type=jnp.float32)
@@ -201,13 +214,9 @@ def chunked_token_stats(
         pert = jax.vmap(lambda h: _perturbed_stats(logp_all, p_all, logp, logits_of(h), tgt))(h_pert)
         return {"logp": logp, "nll": -logp, "entropy": entropy, **pert}
 
-    chunks = jax.lax.map(one_chunk, (to_chunks(hidden_clean, 1), to_chunks(hidden_pert, 2), to_chunks(targets, 1)))
-
-    def from_chunks(x):  # [nC, ..., C] -> [..., T]
-        x = jnp.moveaxis(x, 0, -2)
-        return x.reshape(x.shape[:-2] + (num_chunks * chunk_size,))[..., :length]
-
-    stats = {k: from_chunks(v) for k, v in chunks.items()}
+    chunks = jax.lax.map(one_chunk, (to_chunks(hidden_clean, chunk_size), to_chunks(hidden_pert, chunk_size, 2),
+                                      to_chunks(targets, chunk_size)))
+    stats = {k: from_chunks(v, length, time_axis=-1) for k, v in chunks.items()}
     if single:
         stats = {k: (v[0] if k in PERTURBED_KEYS else v) for k, v in stats.items()}
     return stats

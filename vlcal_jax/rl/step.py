@@ -88,20 +88,6 @@ def response_hidden(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, n
     return hidden[:, length - num_response - 1:length - 1]
 
 
-def _to_chunks(x, chunk_size: int):
-    """[N, M, ...] -> [chunks, N, chunk_size, ...] (M zero-padded to a multiple of chunk_size)."""
-    n, m = x.shape[:2]
-    chunks = -(-m // chunk_size)
-    x = jnp.pad(x, ((0, 0), (0, chunks * chunk_size - m)) + ((0, 0),) * (x.ndim - 2))
-    return x.reshape((n, chunks, chunk_size) + x.shape[2:]).swapaxes(0, 1)
-
-
-def _from_chunks(x, m: int):
-    """[chunks, N, chunk_size, ...] -> [N, M, ...]."""
-    x = x.swapaxes(0, 1)
-    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :m]
-
-
 def _head_logits(hidden, kernel):
     return jnp.einsum("ncd,dv->ncv", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
@@ -126,8 +112,8 @@ def _token_logprobs_fwd(hidden, kernel, targets, chunk_size):
         return jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse, lse
 
     m = hidden.shape[1]
-    logp, lse = jax.lax.map(one, (_to_chunks(hidden, chunk_size), _to_chunks(targets, chunk_size)))
-    return _from_chunks(logp, m), (hidden, kernel, targets, _from_chunks(lse, m))
+    logp, lse = jax.lax.map(one, (certainty.to_chunks(hidden, chunk_size), certainty.to_chunks(targets, chunk_size)))
+    return certainty.from_chunks(logp, m), (hidden, kernel, targets, certainty.from_chunks(lse, m))
 
 
 def _token_logprobs_bwd(chunk_size, residuals, g):
@@ -142,9 +128,9 @@ def _token_logprobs_bwd(chunk_size, residuals, g):
         d_kernel = d_kernel + jnp.einsum("ncd,ncv->dv", h, d_logits, preferred_element_type=jnp.float32)
         return d_kernel, d_h.astype(hidden.dtype)
 
-    xs = tuple(_to_chunks(x, chunk_size) for x in (hidden, targets, lse, g.astype(jnp.float32)))
+    xs = tuple(certainty.to_chunks(x, chunk_size) for x in (hidden, targets, lse, g.astype(jnp.float32)))
     d_kernel, d_hidden = jax.lax.scan(one, jnp.zeros(kernel.shape, jnp.float32), xs)
-    return _from_chunks(d_hidden, hidden.shape[1]), d_kernel.astype(kernel.dtype), None
+    return certainty.from_chunks(d_hidden, hidden.shape[1]), d_kernel.astype(kernel.dtype), None
 
 
 token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
