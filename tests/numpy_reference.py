@@ -149,7 +149,8 @@ def token_stats_from_logits(logits_clean, logits_pert, targets):
             out["entropy"][i, t] = -sum(pv * math.log(pv) for pv in p if pv > 0)
             out["logq"][i, t] = math.log(q[o])
             out["kl"][i, t] = sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q) if pv > 0)
-            out["kl_sample"][i, t] = min(max(p[o] * (math.log(p[o]) - math.log(q[o])), 0.0), 10.0)
+            log_ratio = min(max(math.log(p[o]) - math.log(q[o]), -20.0), 20.0)
+            out["kl_sample"][i, t] = min(max(p[o] * log_ratio, 0.0), 10.0)
             out["k3"][i, t] = k3(math.log(p[o]), math.log(q[o]))
     return out
 

@@ -65,6 +65,21 @@ def test_token_stats_match_direct_numpy(seed):
         np.testing.assert_array_equal(np.asarray(single[key]), np.asarray(got[key][1]))
 
 
+def test_sampled_kl_proxy_clamps_the_log_ratio_like_the_release():
+    # Released compute_kl: p(o) * clamp(log p(o) - log q(o), -20, 20), then clamped to [0, 10].
+    # p = 0.3 and log q = log p - 30: 0.3 * 20 = 6.0 (without the inner clamp 0.3 * 30 = 9.0).
+    logp = math.log(0.3)
+    clean = jnp.array([[[logp, math.log(0.7)]]], jnp.float32)
+    pert = jnp.array([[[logp - 30.0, 0.0]]], jnp.float32)
+    targets = jnp.zeros((1, 1), jnp.int32)
+    got = certainty.token_stats_from_logits(clean, pert, targets)
+    assert float(got["kl_sample"][0, 0]) == pytest.approx(6.0, rel=1e-5)
+    chunked = certainty.chunked_token_stats(clean, pert, jnp.eye(2), targets, chunk_size=1)
+    assert float(chunked["kl_sample"][0, 0]) == pytest.approx(6.0, rel=1e-5)
+    assert ref.token_stats_from_logits(np.asarray(clean), np.asarray(pert), np.asarray(targets))[
+        "kl_sample"][0, 0] == pytest.approx(6.0, rel=1e-5)
+
+
 def test_token_stats_identical_images_give_zero_kl():
     clean, _, targets = _logits(3)
     got = certainty.token_stats_from_logits(clean, clean, targets)

@@ -5,8 +5,11 @@ clean image and q = pi(. | prefix_t, I') under a perturbed one:
 
   exact (the paper's definition)   entropy_t = H(p),  kl_t = KL(p || q)   (full vocabulary)
   sampled (the released code)      nll_t = -log p(o_t)
-                                   kl_sample_t = clamp(p(o_t) (log p(o_t) - log q(o_t)), 0, 10)
+                                   kl_sample_t = clamp(p(o_t) clamp(log p(o_t) - log q(o_t), -20, 20), 0, 10)
                                    k3_t = clamp(exp(d) - d - 1, 0, 10), d = clamp(log q(o_t) - log p(o_t), -20, 20)
+
+Soft-label variant "paper" (the default) averages the exact kl_t and entropy_t; variant
+"released" averages the sampled proxies kl_sample_t and nll_t, as the authors' code does.
 
 Per response, both are averaged over the `<vision>` span; the score
 S = log(KL + 1e-8) - log(H + 1e-8) is z-scored over the rollout batch and squashed by a
@@ -80,6 +83,18 @@ def k3_from_logprobs(
     return jnp.clip(jnp.exp(d) - d - 1.0, clamp_min, clamp_max)
 
 
+@jax.jit
+def sampled_kl_from_logprobs(logp: jax.Array, logq: jax.Array) -> jax.Array:
+    """The released sampled-token proxy of KL(p || q): [N, T] -> [N, T] (PAPER.md section 4).
+
+    kl_sample = clamp(p(o_t) * clamp(log p(o_t) - log q(o_t), -20, 20), 0, 10), the authors'
+    `compute_kl`; the "released" soft-label variant averages it. Not the paper's KL: that is
+    the exact full-vocabulary sum in `token_stats_from_logits` ("kl", variant "paper").
+    """
+    logp, logq = logp.astype(jnp.float32), logq.astype(jnp.float32)
+    return jnp.clip(jnp.exp(logp) * jnp.clip(logp - logq, -20.0, 20.0), 0.0, SAMPLED_CLAMP)
+
+
 def visual_certainty_score(kl: jax.Array, entropy: jax.Array) -> jax.Array:
     """S = log(D_KL + 1e-8) - log(H + 1e-8), elementwise (PAPER.md section 4)."""
     return jnp.log(kl.astype(jnp.float32) + LOG_EPS) - jnp.log(entropy.astype(jnp.float32) + LOG_EPS)
@@ -128,8 +143,8 @@ def _perturbed_stats(logp_all, p_all, logp, logits_pert, targets) -> dict:
     logq = jnp.take_along_axis(logq_all, targets[..., None], axis=-1)[..., 0]
     # KL >= 0; the floor only removes float round-off so that log(KL + 1e-8) stays finite.
     kl = jnp.maximum(jnp.sum(jnp.where(p_all > 0, p_all * (logp_all - logq_all), 0.0), axis=-1), 0.0)
-    kl_sample = jnp.clip(jnp.exp(logp) * (logp - logq), 0.0, SAMPLED_CLAMP)
-    return {"logq": logq, "kl": kl, "kl_sample": kl_sample, "k3": k3_from_logprobs(logp, logq)}
+    return {"logq": logq, "kl": kl, "kl_sample": sampled_kl_from_logprobs(logp, logq),
+            "k3": k3_from_logprobs(logp, logq)}
 
 
 @jax.jit

@@ -140,7 +140,8 @@ def decode_responses(tokenizer, tokens, lengths, mode: str = "decoupled"):
 
 def response_vision_stats(token_stats: dict, vision_mask, variant: str = "paper") -> tuple[np.ndarray, np.ndarray]:
     """Per-response (KL, entropy) means over the vision span [N]; NaN where there is no span.
-    variant "paper": exact full-vocabulary KL and entropy; "released": sampled-token proxies."""
+    variant "paper": the exact full-vocabulary KL(p || q) and entropy H(p); "released": the
+    authors' sampled-token proxies p(o_t) clamp(log p - log q, -20, 20) and -log p(o_t)."""
     kl_key, h_key = {"paper": ("kl", "entropy"), "released": ("kl_sample", "nll")}[variant]
     mask = np.asarray(vision_mask, np.float64)
     count = mask.sum(-1)

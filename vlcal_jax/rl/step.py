@@ -167,8 +167,10 @@ def perturbed_inputs(config: ModelConfig, inputs: qwen3_vl.ModelInputs, n: int, 
 def score(config: ModelConfig, params, ref_params, inputs: qwen3_vl.ModelInputs, rng, *, rl: RLConfig,
           num_response: int) -> dict:
     """Per-token statistics [N, M] of the sampled responses under the old policy (clean and
-    K perturbed images) and the reference model: logp, nll, entropy, kl (exact), kl_sample,
-    k3 (averaged over K), ref_logp. Rows without images get zero perturbation statistics."""
+    K perturbed images) and the reference model: logp, nll, entropy, kl (exact full-vocabulary
+    KL, soft-label variant "paper"), kl_sample (the released sampled proxy, variant
+    "released"), k3 (averaged over K), ref_logp. Rows without images get zero perturbation
+    statistics."""
     targets = inputs.input_ids[:, -num_response:]
     kernel = text.lm_head_kernel(config, params)
     hidden = response_hidden(config, params, inputs, num_response)
