@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from vlcal_jax.rl.format import normalize_whitespace, parse_response
+from vlcal_jax.rl.format import normalize_whitespace, parse_response, rlcr_vlm_format_score
 
 GOOD = (
     "<think>\n  <vision> I see a red cube and 1 / 2 of a ball. </vision>\n"
@@ -29,6 +29,8 @@ RELEASED_SCORES = re.compile(
     re.DOTALL,
 )
 EASYR1_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+RLCR_VLM_FORMAT = re.compile(  # examples/reward_function/rlcr_vlm.py, used with re.fullmatch
+    r"<think>.*?</think>.*?\\boxed\{.*?\}.*?<analysis>.*?</analysis>.*?<confidence>(.*?)</confidence>", re.DOTALL)
 
 
 def _released_normalize(text):
@@ -158,6 +160,37 @@ def test_matches_released_regular_expressions_on_random_layouts():
         if parsed.has_vision:
             start, end = parsed.vision_char_span
             assert normalize_whitespace(text[start:end])[0] == parsed.vision, text
+
+
+def _released_rlcr_vlm_format(text):
+    match = RLCR_VLM_FORMAT.fullmatch(_released_normalize(text))
+    if not match:
+        return 0.0
+    try:
+        value = float(match.group(1).strip())
+    except ValueError:
+        return 0.0
+    return 1.0 if 1.0 <= value <= 10.0 else 0.5
+
+
+def test_rlcr_vlm_format_matches_released_fullmatch_on_random_layouts():
+    pieces = ["<think>", "</think>", "\\boxed{", "}", "{", "<analysis>", "</analysis>", "<confidence>",
+              "</confidence>", "0", "7", "10", "3.5", "12", "x", " ", "\n", " / ", "< ", " >", "ab c"]
+    skeleton = ["<think>", "t", "</think>", "\\boxed{", "2", "}", "<analysis>", "a", "</analysis>", "<confidence>",
+                "7", "</confidence>"]
+    rng = random.Random(1)
+    for trial in range(3000):
+        tokens = list(skeleton) if trial % 2 == 0 else [rng.choice(pieces) for _ in range(rng.randint(0, 16))]
+        for _ in range(rng.randint(0 if trial % 2 else 1, 3)):
+            op = rng.random()
+            if op < 0.4:
+                tokens.insert(rng.randint(0, len(tokens)), rng.choice(pieces))
+            elif op < 0.7 and tokens:
+                tokens.pop(rng.randrange(len(tokens)))
+            elif tokens:
+                tokens[rng.randrange(len(tokens))] = rng.choice(pieces)
+        text = "".join(tokens)
+        assert rlcr_vlm_format_score(normalize_whitespace(text)[0]) == _released_rlcr_vlm_format(text), text
 
 
 def test_normalize_whitespace_index_map():

@@ -148,9 +148,25 @@ def test_rlcr_and_rlcr_vlm_by_hand():
     vlm = rewards.get("rlcr_vlm")(responses, golds)
     q = 0.7**1.3
     expected_q = [q, q, 0.5, 1.0, q]
-    expected = [1 - 0.8 * (q - 1) ** 2 + 0.4, -0.8 * q**2 + 0.4, 1 - 0.8 * 0.25, 1 + 0.0, 1 - 0.8 * (q - 1) ** 2]
+    # Released format term: 12 parses but is outside [1, 10] (0.5); no analysis fails the layout (0).
+    np.testing.assert_allclose(vlm["format"], [1, 1, 0, 0.5, 0])
+    expected = [1 - 0.8 * (q - 1) ** 2 + 0.4, -0.8 * q**2 + 0.4, 1 - 0.8 * 0.25, 1 + 0.4 * 0.5,
+                1 - 0.8 * (q - 1) ** 2]
     np.testing.assert_allclose(vlm["confidence"], expected_q, atol=1e-12)
     np.testing.assert_allclose(vlm["reward"], expected, atol=1e-12)
+
+
+def test_rlcr_vlm_format_matches_the_release():
+    # examples/reward_function/rlcr_vlm.py: re.fullmatch of the whole (normalised) response;
+    # 1.0 for a score in [1, 10], 0.5 for any other number, 0.0 for no match or no number.
+    responses = [rlcr_response(confidence="0"), rlcr_response() + " Done.", rlcr_response(confidence="1"),
+                 rlcr_response(confidence="10"), rlcr_response(confidence="0.5"), rlcr_response(confidence="high"),
+                 "Sure. " + rlcr_response(), rlcr_response(confidence=" 7 ") + "\n"]
+    out = rewards.get("rlcr_vlm")(responses, ["4"] * len(responses))
+    np.testing.assert_allclose(out["format"], [0.5, 0.0, 1.0, 1.0, 0.5, 0.0, 0.0, 1.0])
+    zero = 0.0 ** 1.3
+    assert out["reward"][0] == pytest.approx(1 - 0.8 * (zero - 1) ** 2 + 0.4 * 0.5)
+    assert out["reward"][1] == pytest.approx(1 - 0.8 * (0.7**1.3 - 1) ** 2)
 
 
 def test_rlvr_by_hand_and_choices():

@@ -146,6 +146,27 @@ def _format_ok(text: str, mode: str) -> bool:
     return _score_in_range(_between(text, spans, 6))
 
 
+def rlcr_vlm_format_score(normalized: str) -> float:
+    """The authors' VLM RLCR format term (PAPER.md section 3) of a whitespace-normalised response.
+
+    As released (`re.fullmatch` of `<think>.*?</think>.*?\\\\boxed\\{.*?\\}.*?<analysis>.*?
+    </analysis>.*?<confidence>(.*?)</confidence>`): the WHOLE response must have this layout,
+    ending with `</confidence>`; the score c between the tags gives 1.0 if 1 <= c <= 10, 0.5 if
+    it is any other number, and 0.0 if it is not a number or the layout does not match.
+    """
+    closing = len(normalized) - len("</confidence>")
+    if not (normalized.startswith("<think>") and normalized.endswith("</confidence>")):
+        return 0.0
+    spans = _find_in_order(normalized, _RLCR_LAYOUT[1:-1], len("<think>"))
+    if spans is None or spans[-1][1] > closing:
+        return 0.0
+    try:
+        value = float(normalized[spans[-1][1] : closing].strip())
+    except ValueError:
+        return 0.0
+    return 1.0 if 1.0 <= value <= 10.0 else 0.5
+
+
 def parse_response(text: str, mode: str = "decoupled") -> ParsedResponse:
     """Splits one response into its parts; `mode` is "decoupled", "rlcr" or "plain"."""
     if mode not in MODES:

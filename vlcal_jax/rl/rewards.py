@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vlcal_jax.rl.format import parse_response
+from vlcal_jax.rl.format import parse_response, rlcr_vlm_format_score
 from vlcal_jax.rl.grading import grade_answer
 
 RewardFn = Callable[..., dict[str, np.ndarray]]
@@ -197,8 +197,12 @@ def rlcr(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
 def rlcr_vlm(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
              exponent: float = 1.3, lambda_cal: float = 0.8, lambda_fmt: float = 0.4,
              missing_confidence: float = 0.5) -> dict[str, np.ndarray]:
-    """The authors' VLM RLCR: q = clip((c/10)^1.3, 0, 1), q = 0.5 if missing; R = I + 0.8 B + 0.4 fmt (section 3)."""
-    parsed, accuracy, fmt = _rlcr_parts(responses, golds, choices)
+    """The authors' VLM RLCR: q = clip((c/10)^1.3, 0, 1), q = 0.5 if missing; R = I + 0.8 B + 0.4 fmt (section 3).
+
+    fmt is the released graded term (`format.rlcr_vlm_format_score`: 1, 0.5 or 0), not RLCR's 0/1.
+    """
+    parsed, accuracy, _ = _rlcr_parts(responses, golds, choices)
+    fmt = np.array([rlcr_vlm_format_score(p.text) for p in parsed])
     raw = _optional(p.raw_confidence for p in parsed)
     q = np.where(np.isnan(raw), missing_confidence, np.clip((raw / 10.0) ** exponent, 0.0, 1.0))
     brier = brier_term(q, accuracy)
