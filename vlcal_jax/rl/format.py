@@ -44,8 +44,10 @@ class ParsedResponse:
     exclusive, without the whitespace next to the tags (which normalisation removes).
     To get the vision-token mask, decode the response tokens, take each token's character
     range (the tokenizer's offset mapping on this same text, or the cumulative lengths of
-    the decoded tokens) and mark the tokens whose range overlaps [start, end). None when
-    there is no `<vision>...</vision>`.
+    the decoded tokens) and mark the tokens whose range overlaps [start, end). None, and
+    `vision` None, when there is no `<vision>...</vision>` or its content is empty or only
+    whitespace: as in the released code, such a response has no vision tokens, so it gets
+    no soft label and R_vis = -1 (its format can still be valid).
     Confidences are the written 0..10 scores divided by 10, or None when missing or out of
     range; `raw_confidence` is the RLCR score as written (before the range check).
     """
@@ -175,10 +177,9 @@ def parse_response(text: str, mode: str = "decoupled") -> ParsedResponse:
         raise TypeError(f"response must be a str, got {type(text).__name__}; decode the tokens first")
     normalized, source = normalize_whitespace(text)
     vision = _tag_content(normalized, "vision")
-    span = None
-    if vision is not None:
-        start, end = vision[1], vision[2]
-        span = (source[start], source[end - 1] + 1) if end > start else (source[start], source[start])
+    if vision is not None and not vision[0].strip():
+        vision = None  # an empty span is no span: the release finds no vision tokens in it
+    span = None if vision is None else (source[vision[1]], source[vision[2] - 1] + 1)
     reasoning, analysis = _tag_content(normalized, "reasoning"), _tag_content(normalized, "analysis")
     vision_confidence = reasoning_confidence = confidence = raw_confidence = None
     if mode == "decoupled":

@@ -105,23 +105,53 @@ def token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes]:
     return out
 
 
+def decode_with_char_starts(data: bytes) -> tuple[str, np.ndarray]:
+    """UTF-8 bytes -> (text, starts [len(text) + 1]): the text decoded with errors="replace" and
+    the byte where each of its characters starts, then len(data).
+
+    Every maximal invalid byte sequence becomes one U+FFFD (as errors="replace" decodes it), so
+    a character's bytes are starts[i]:starts[i + 1] even after invalid bytes, which re-encoding
+    the text cannot tell (U+FFFD re-encodes to 3 bytes whatever it replaced)."""
+    pieces, starts, position = [], [], 0
+    while True:
+        try:
+            valid, invalid = data[position:].decode("utf-8"), None
+        except UnicodeDecodeError as error:
+            valid = data[position : position + error.start].decode("utf-8")
+            invalid = (position + error.start, position + error.end)
+        for char in valid:
+            starts.append(position)
+            position += len(char.encode("utf-8"))
+        pieces.append(valid)
+        if invalid is None:
+            break
+        pieces.append("\ufffd")
+        starts.append(invalid[0])
+        position = invalid[1]
+    starts.append(len(data))
+    return "".join(pieces), np.asarray(starts, np.int64)
+
+
 def decode_with_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, np.ndarray]:
-    """Response ids -> (text, byte offsets [M, 2] of each token within text's UTF-8 bytes)."""
+    """Response ids [M] -> (text, offsets [M, 2]): each token's character range [start, end) in
+    text (decoded with errors="replace"). A character whose bytes are split over several tokens
+    lies in the range of each of them; a token without bytes gets an empty range."""
     pieces = token_bytes(tokenizer, ids)
-    ends = np.cumsum([len(p) for p in pieces]) if pieces else np.zeros(0, np.int64)
-    starts = ends - np.asarray([len(p) for p in pieces], np.int64)
-    return b"".join(pieces).decode("utf-8", errors="replace"), np.stack([starts, ends], -1).astype(np.int64)
+    text, char_starts = decode_with_char_starts(b"".join(pieces))
+    byte_ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
+    byte_starts = byte_ends - np.asarray([len(p) for p in pieces], np.int64)
+    first = np.searchsorted(char_starts[1:], byte_starts, side="right")  # first char ending after the start
+    stop = np.searchsorted(char_starts[:-1], byte_ends, side="left")  # chars starting before the end
+    return text, np.stack([first, np.maximum(stop, first)], -1).astype(np.int64)
 
 
 def vision_token_mask(text: str, offsets: np.ndarray, mode: str = "decoupled") -> tuple[np.ndarray, object]:
-    """Tokens [M] whose bytes overlap the `<vision>` content, and the parsed response."""
+    """Tokens [M] whose characters (offsets [M, 2] from `decode_with_offsets`) overlap the
+    `<vision>` content, and the parsed response. All False when there is no (or an empty) span."""
     parsed = rformat.parse_response(text, mode=mode)
     mask = np.zeros(len(offsets), bool)
     if parsed.vision_char_span is not None and len(offsets):
-        start, end = parsed.vision_char_span
-        byte_start = len(text[:start].encode("utf-8"))
-        byte_end = len(text[:end].encode("utf-8"))
-        mask = (offsets[:, 0] < byte_end) & (offsets[:, 1] > byte_start)
+        mask = processing.char_span_to_token_mask(offsets, parsed.vision_char_span)
     return mask, parsed
 
 
