@@ -15,16 +15,19 @@ log = logging.getLogger("vlcal_jax.train")
 
 def perception_metrics(texts, examples, n: int, rewards: dict) -> dict:
     """For scene-world prompts (ground truth known, PAPER.md section 8): how often the vision
-    span is right, and how well the VCE soft label and the stated vision confidence rank it."""
-    rows = [(t, ex) for t, ex in zip(texts, (ex for ex in examples for _ in range(n)))
-            if "facts" in (ex.meta or {})]
+    span is right, and how well the VCE soft label and the stated vision confidence rank it.
+
+    texts [N] and every rewards array [N] are per response, N = len(examples) * n, the n
+    responses of a prompt adjacent; only the responses to prompts with scene facts count."""
+    row_examples = [ex for ex in examples for _ in range(n)]  # response i answers row_examples[i]
+    rows = [i for i, ex in enumerate(row_examples) if "facts" in (ex.meta or {})]
     if not rows:
         return {}
-    correct = np.array([scenes.score_perception(t, ex).correct for t, ex in rows], float)
+    correct = np.array([scenes.score_perception(texts[i], row_examples[i]).correct for i in rows], float)
     out = {"perception/correct": float(correct.mean())}
     for key, name in (("soft_label", "perception/auroc_soft_label"),
                       ("vision_confidence", "perception/auroc_vision_confidence")):
-        values = np.asarray(rewards.get(key, np.full(len(texts), np.nan)), float)[:len(rows)]
+        values = np.asarray(rewards.get(key, np.full(len(texts), np.nan)), float)[rows]
         ok = np.isfinite(values)
         if ok.sum() > 1 and 0 < correct[ok].mean() < 1:
             out[name] = float(M.auroc(values[ok], correct[ok]))
