@@ -215,3 +215,40 @@ def test_empty_batch_and_qwen3_defaults():
     assert QWEN3.image_mean == QWEN3.image_std == (0.5, 0.5, 0.5) and math.isclose(QWEN3.rescale_factor, 1 / 255)
     with pytest.raises(ValueError, match="min_pixels"):
         processing.ImageProcessorConfig(min_pixels=10, max_pixels=5)
+
+
+def test_model_loaded_from_a_checkpoint_preprocesses_like_its_hf_processor(tmp_path):
+    # A checkpoint whose preprocessor_config.json lowers max_pixels (and has CLIP statistics):
+    # preprocess_images(images, config) with the loaded model config must equal HF's processor.
+    import rl_utils as U
+    from vlcal_jax import models
+
+    config = U.tiny_config()
+    models.save_pretrained(config, U.random_params(config), str(tmp_path))
+    hf_qwen2_vl.Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48}, patch_size=8, temporal_patch_size=2, merge_size=2,
+        image_mean=list(QWEN2.image_mean), image_std=list(QWEN2.image_std)).save_pretrained(str(tmp_path))
+    loaded, _ = models.from_pretrained(str(tmp_path))
+    assert loaded == config  # the same network: the processor is metadata, not identity
+    assert loaded.image_processor == processing.ImageProcessorConfig.from_pretrained(tmp_path)
+    assert models.load_config(str(tmp_path)).image_processor == loaded.image_processor
+    images = [noise(200, 300), noise(37, 41)]
+    expected = hf_qwen2_vl.Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))(images=images)
+    pixel_values, grid_thw = processing.preprocess_images(images, loaded)
+    np.testing.assert_array_equal(grid_thw, expected["image_grid_thw"])
+    assert grid_thw[0].prod() < processing.preprocess_images(images[:1], config)[1][0].prod()  # bound applied
+    np.testing.assert_allclose(pixel_values, expected["pixel_values"], rtol=0, atol=1e-5)
+    # save_pretrained writes the processor the config carries; loading gives the same config back.
+    models.save_pretrained(loaded, U.random_params(config), str(tmp_path / "again"))
+    assert models.from_pretrained(str(tmp_path / "again"))[0].image_processor == loaded.image_processor
+
+
+def test_checkpoint_processor_must_fit_the_vision_tower(tmp_path):
+    import rl_utils as U
+    from vlcal_jax import models
+
+    config = U.tiny_config()
+    models.save_pretrained(config, U.random_params(config), str(tmp_path))
+    processing.ImageProcessorConfig.qwen3_vl(patch_size=16).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"preprocessor_config.json.*patch_size=16.*patch_size=8"):
+        models.load_config(str(tmp_path))

@@ -240,6 +240,36 @@ def test_score_k_perturbations_equal_a_loop_over_the_keys(scoring):
     assert (stats["kl"][valid] > 1e-4).mean() > 0.5
 
 
+def test_perturbations_use_the_model_processor_normalisation():
+    # A processor with CLIP statistics: blacked-out patches are the normalised value of pixel 0
+    # per channel (not Qwen3-VL's -1), grey is pixel 128 and noise stays in the normalised [0, 255].
+    # Under jit (as in `score`) the statistics are static, so they must be part of the cache key.
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    config = U.tiny_config()
+    inputs, _ = U.rollout_inputs(config, prompts=2, n=N, response_len=M, seed=0)
+    clip = dict(samples_per_prompt=N, image_mean=mean, image_std=std)
+    per_channel = config.vision.patch_dim // 3
+
+    def row(pixel):
+        return np.repeat([(pixel / 255.0 - m) / s for m, s in zip(mean, std)], per_channel).astype(np.float32)
+
+    for kind, value in (("blackout", 0.0), ("grey", 128.0)):
+        rl = step.RLConfig(vce_kind=kind, vce_prob=1.0, **clip)
+        out = np.asarray(step.perturbed_inputs(config, inputs, N, jax.random.key(0), rl).vision.pixel_values)
+        np.testing.assert_allclose(out, np.broadcast_to(row(value), out.shape), rtol=1e-6, atol=1e-6, err_msg=kind)
+    rl = step.RLConfig(vce_kind="noise", vce_noise_std=1e4, **clip)
+    out = np.asarray(step.perturbed_inputs(config, inputs, N, jax.random.key(0), rl).vision.pixel_values)
+    assert np.all(out >= row(0.0) - 1e-6) and np.all(out <= row(255.0) + 1e-6)
+    assert np.isclose(out, row(0.0), atol=1e-6).mean() > 0.3  # the clip at pixel 0 is active
+    jitted = jax.jit(step.perturbed_inputs, static_argnums=(0, 2, 4))
+    qwen = np.asarray(jitted(config, inputs, N, jax.random.key(0), step.RLConfig(samples_per_prompt=N, vce_prob=1.0))
+                      .vision.pixel_values)
+    np.testing.assert_array_equal(qwen, np.full_like(qwen, -1.0))
+    rl = step.RLConfig(vce_prob=1.0, **clip)
+    out = np.asarray(jitted(config, inputs, N, jax.random.key(0), rl).vision.pixel_values)
+    np.testing.assert_allclose(out, np.broadcast_to(row(0.0), out.shape), rtol=1e-6, atol=1e-6)
+
+
 def test_every_response_of_a_prompt_gets_its_own_blackout_mask(scoring):
     config, _, _, inputs, _, _, _, _ = scoring
     rl = step.RLConfig(samples_per_prompt=N, vce_prob=0.5)

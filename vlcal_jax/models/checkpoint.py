@@ -115,6 +115,9 @@ def from_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None,
                     sharding: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None):
     """Loads a HF Qwen3-VL checkpoint directory -> (ModelConfig, params).
 
+    The config carries the directory's `preprocessor_config.json` settings (`image_processor`),
+    so `processing.preprocess_images(images, config)` matches the checkpoint's HF processor.
+
     `dtype` is the parameter dtype; `compute_dtype` (default: `dtype`) goes into the config.
     Tensors are read one at a time from memory-mapped files. With `sharding(path, shape)`
     each process materialises only its addressable shards (`jax.make_array_from_callback`).
@@ -169,10 +172,13 @@ def from_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None,
 def save_pretrained(config: ModelConfig, params, path: str, *, max_shard_bytes: int = 4 * 2**30,
                     dtype=None) -> None:
     """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) that
-    `transformers.Qwen3VLForConditionalGeneration.from_pretrained` loads."""
+    `transformers.Qwen3VLForConditionalGeneration.from_pretrained` loads, and the
+    `preprocessor_config.json` of `config.image_processor` when the config carries one."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config.to_hf_dict() | {"dtype": str(jnp.dtype(dtype or _leaf_dtype(params)))}, f, indent=2)
+    if config.image_processor is not None:
+        config.image_processor.save_pretrained(path)
     entries = []
     for spec in param_specs(config):
         value = _get(params, spec.path)

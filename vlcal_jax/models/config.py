@@ -9,6 +9,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from vlcal_jax.processing.image_config import ImageProcessorConfig
+
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 MODEL_TYPE = "qwen3_vl"
 
@@ -67,7 +69,14 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Whole-model config. `dtype` is the compute dtype; params keep the dtype they are loaded in."""
+    """Whole-model config. `dtype` is the compute dtype; params keep the dtype they are loaded in.
+
+    `image_processor`: the image settings the checkpoint's `preprocessor_config.json` gives
+    (pixel bounds, normalisation), so `processing.preprocess_images(images, config)` matches
+    its HF processor; None means Qwen3-VL's processor defaults. It is host-side metadata, not
+    part of the model's identity: equality and the hash (hence jit caches) ignore it, since
+    the network computes the same function whatever processor made its pixel values.
+    """
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
@@ -78,6 +87,7 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     dtype: str = "float32"
     remat: bool = False  # recompute each layer in the backward pass (activation memory O(1 layer))
+    image_processor: ImageProcessorConfig | None = dataclasses.field(default=None, compare=False)
 
     @property
     def compute_dtype(self):
@@ -176,6 +186,13 @@ class ModelConfig:
             problems.append("more DeepStack mergers than text layers")
         if list(v.deepstack_visual_indexes) != sorted(set(v.deepstack_visual_indexes)):
             problems.append("deepstack_visual_indexes must be strictly increasing")
+        if self.image_processor is not None:
+            processor = self.image_processor
+            for name, ours, theirs in (("patch_size", processor.patch_size, v.patch_size),
+                                       ("temporal_patch_size", processor.temporal_patch_size, v.temporal_patch_size),
+                                       ("merge_size", processor.merge_size, v.spatial_merge_size)):
+                if int(ours) != int(theirs):
+                    problems.append(f"preprocessor_config.json {name}={ours} but vision {name}={theirs}")
         if problems:
             raise ValueError(f"{source}: inconsistent Qwen3-VL config: " + "; ".join(problems))
 
@@ -231,7 +248,8 @@ class ModelConfig:
 
 
 def load_config(path: str, *, dtype: str = "float32") -> ModelConfig:
-    """Reads `<path>/config.json` (or a config.json path) into a ModelConfig."""
+    """Reads `<path>/config.json` (or a config.json path) into a ModelConfig, with the image
+    settings of the `preprocessor_config.json` next to it when there is one."""
     file = path if path.endswith(".json") else os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise FileNotFoundError(
@@ -239,4 +257,10 @@ def load_config(path: str, *, dtype: str = "float32") -> ModelConfig:
             "*.safetensors, tokenizer.json, preprocessor_config.json) to a local directory and pass that path."
         )
     with open(file, encoding="utf-8") as f:
-        return ModelConfig.from_hf_dict(json.load(f), dtype=dtype, source=file)
+        hf = json.load(f)
+    processor_file = os.path.join(os.path.dirname(file), "preprocessor_config.json")
+    config = ModelConfig.from_hf_dict(hf, dtype=dtype, source=file)
+    if os.path.isfile(processor_file):
+        config = config.replace(image_processor=ImageProcessorConfig.from_pretrained(processor_file))
+        config.validate(f"{file} with {processor_file}")
+    return config

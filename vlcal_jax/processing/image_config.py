@@ -152,11 +152,15 @@ class ImageProcessorConfig:
 def resolve_image_config(config: Any) -> ImageProcessorConfig:
     """An ImageProcessorConfig from itself or from a model config with a `vision` section.
 
-    A model config gives patch_size, temporal_patch_size and spatial_merge_size (from
-    `config.vision`); the pixel bounds and normalisation are Qwen3-VL's processor defaults.
+    A model config loaded from a checkpoint carries its `preprocessor_config.json` settings
+    (`config.image_processor`, set by `models.load_config` / `models.from_pretrained`), which
+    are returned. Otherwise it gives patch_size, temporal_patch_size and spatial_merge_size
+    (from `config.vision`), and the pixel bounds and normalisation are Qwen3-VL's defaults.
     """
     if isinstance(config, ImageProcessorConfig):
         return config
+    if getattr(config, "image_processor", None) is not None:
+        return config.image_processor
     vision = getattr(config, "vision", None)
     if vision is None:
         raise TypeError(

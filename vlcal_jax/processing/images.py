@@ -150,9 +150,10 @@ def preprocess_images(images: Sequence[Any], config: Any) -> tuple[np.ndarray, n
     """Images -> (pixel_values float32 [sum_patches, 3*Tp*P*P], image_grid_thw int64 [n_images, 3]).
 
     Identical to `Qwen2VLImageProcessorPil(...)(images)` configured like `config` (an
-    ImageProcessorConfig, or a model config with `.vision`, which gets Qwen3-VL's pixel
-    bounds and normalisation). Each image is a PIL image, a uint8 [H, W, C] array, a file
-    path, encoded bytes or an EasyR1 {"bytes": ..., "path": ...} dict.
+    ImageProcessorConfig, or a model config: one loaded from a checkpoint uses that
+    checkpoint's preprocessor_config.json, any other Qwen3-VL's pixel bounds and
+    normalisation; see `resolve_image_config`). Each image is a PIL image, a uint8 [H, W, C]
+    array, a file path, encoded bytes or an EasyR1 {"bytes": ..., "path": ...} dict.
     """
     cfg = resolve_image_config(config)
     if isinstance(images, (str, os.PathLike, bytes, dict, np.ndarray, PIL.Image.Image)):

@@ -57,7 +57,8 @@ def patch_blackout(
     """Random patch masking: [num_patches, D] -> [num_patches, D] (section 4, the default I').
 
     Every patch row is independently replaced, with probability `prob`, by the black row:
-    `black_value` per channel if given, else the normalised value of pixel 0.
+    `black_value` per channel if given, else the normalised value of pixel 0 under the image
+    processor's `mean`/`std` (defaults: Qwen3-VL's; `rl.step.perturbed_inputs` passes the model's).
     """
     black = normalized_pixel(0.0, mean, std) if black_value is None else _per_channel(black_value)
     drop = jax.random.bernoulli(rng, prob, (pixel_values.shape[0], 1))

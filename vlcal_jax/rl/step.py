@@ -49,6 +49,17 @@ class RLConfig:
     vce_noise_std: float = 189.0
     vce_grey: float = 128.0
     vce_k: int = 1
+    # Normalisation of the image processor that made pixel_values (ImageProcessorConfig.image_mean
+    # / image_std): the VCE perturbations' black, grey and noise bounds are pixels normalised with it.
+    image_mean: tuple[float, ...] = perturb.QWEN3_VL_MEAN
+    image_std: tuple[float, ...] = perturb.QWEN3_VL_STD
+
+    def __post_init__(self):
+        for name in ("image_mean", "image_std"):  # tuples of floats: RLConfig is a static jit argument
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"RLConfig.{name} needs 3 values (RGB), got {getattr(self, name)}")
+            object.__setattr__(self, name, value)
 
     def loss_options(self) -> dict:
         return {"w_min": self.w_min, "w_max": self.w_max, "lambda_tar": self.lambda_tar,
@@ -138,19 +149,22 @@ token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 def perturbed_inputs(config: ModelConfig, inputs: qwen3_vl.ModelInputs, n: int, rng, rl: RLConfig):
     """Inputs whose images are perturbed independently for every response (PAPER.md section 4:
-    a fresh mask per response): each prompt image is repeated n times and row r reads copy r % n."""
+    a fresh mask per response): each prompt image is repeated n times and row r reads copy r % n.
+    Black, grey and the noise bounds are pixel values normalised with `rl.image_mean` /
+    `rl.image_std`, the statistics of the image processor that made `pixel_values`."""
     vis = inputs.vision
     images, patches, dim = vis.pixel_values.shape
     slots = patches // config.vision.merge_unit
     rep = functools.partial(jnp.repeat, repeats=n, axis=0)
     flat = rep(vis.pixel_values).reshape(images * n * patches, dim)
+    stats = dict(mean=rl.image_mean, std=rl.image_std)
     if rl.vce_kind == "blackout":
-        flat = perturb.patch_blackout(flat, rng, prob=rl.vce_prob)
+        flat = perturb.patch_blackout(flat, rng, prob=rl.vce_prob, **stats)
     elif rl.vce_kind == "noise":
         flat = perturb.gaussian_noise(flat, rng, std_pixels=rl.vce_noise_std,
-                                      temporal_patch_size=config.vision.temporal_patch_size)
+                                      temporal_patch_size=config.vision.temporal_patch_size, **stats)
     elif rl.vce_kind == "grey":
-        flat = perturb.grey_mask(flat, value=rl.vce_grey)
+        flat = perturb.grey_mask(flat, value=rl.vce_grey, **stats)
     else:
         raise ValueError(f"vce_kind={rl.vce_kind!r}: the RL scorer supports blackout, noise, grey "
                          "(blur needs static image grids; use rl.perturb.blur offline)")
