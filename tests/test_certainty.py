@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from vlcal_jax.rl import certainty
+from vlcal_jax.rl import certainty, rollout
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 B, T, D, V, K = 3, 7, 8, 32, 3
@@ -25,19 +25,22 @@ def test_soft_labels_match_reference(seed):
     valid = rng.random(16) < 0.8
     valid[0] = False
     got = np.asarray(certainty.soft_labels(kl, entropy, valid))
-    np.testing.assert_allclose(got, ref.soft_labels(kl, entropy, valid), **TOL)
-    assert got[0] == 0.0
+    np.testing.assert_allclose(got[valid], ref.soft_labels(kl, entropy, valid)[valid], **TOL)
+    assert np.isnan(got[~valid]).all()  # no span: no label
 
 
 def test_soft_labels_hand_computed_and_degenerate():
     # Two valid responses: the population z-scores are exactly -1 and +1 whatever S is.
     got = np.asarray(certainty.soft_labels(jnp.array([0.1, 0.5, 9.0]), jnp.ones(3), jnp.array([1, 1, 0])))
-    np.testing.assert_allclose(got, [1 / (1 + math.e), 1 / (1 + math.exp(-1)), 0.0], **TOL)
+    np.testing.assert_allclose(got, [1 / (1 + math.e), 1 / (1 + math.exp(-1)), np.nan], **TOL)
     # All scores equal: std < 1e-6 -> every z = 0 -> 0.5. A single valid response: the same.
     same = certainty.soft_labels(jnp.full(4, 0.2), jnp.full(4, 0.7), jnp.ones(4, bool))
     np.testing.assert_array_equal(np.asarray(same), 0.5)
     one = certainty.soft_labels(jnp.array([0.2, 0.3]), jnp.array([1.0, 2.0]), jnp.array([True, False]))
-    np.testing.assert_array_equal(np.asarray(one), [0.5, 0.0])
+    np.testing.assert_array_equal(np.asarray(one), [0.5, np.nan])
+    # A non-finite statistic (a vision span that covered no token) gets no label and no say in the z-score.
+    with_nan = certainty.soft_labels(jnp.array([0.2, np.nan, 0.1]), jnp.array([1.0, 1.0, 2.0]), jnp.ones(3, bool))
+    np.testing.assert_allclose(np.asarray(with_nan), [1 / (1 + math.exp(-1)), np.nan, 1 / (1 + math.e)], **TOL)
 
 
 # ---------------------------------------------------------------- token statistics
@@ -137,21 +140,19 @@ def _token_stats(seed, n=6, t_len=8):
     return stats, vision
 
 
-def test_response_stats_and_soft_label_variants():
+def test_response_vision_stats_and_soft_label_variants():
     stats, vision = _token_stats(0)
-    got = certainty.response_stats(stats, vision)
-    for key in ("kl", "entropy", "kl_sample", "nll"):
-        expected = [stats[key][i][vision[i]].mean() if vision[i].any() else 0.0 for i in range(len(vision))]
-        np.testing.assert_allclose(np.asarray(got[key]), expected, err_msg=key, **TOL)
-    np.testing.assert_array_equal(np.asarray(got["valid"]), vision.any(axis=1))
-    np.testing.assert_array_equal(np.asarray(got["num_tokens"]), vision.sum(axis=1))
     for variant, (kl_key, ent_key) in {"paper": ("kl", "entropy"), "released": ("kl_sample", "nll")}.items():
-        labels, valid = certainty.visual_soft_labels(stats, vision, variant)
-        expected = ref.soft_labels(np.asarray(got[kl_key]), np.asarray(got[ent_key]), vision.any(axis=1))
-        np.testing.assert_allclose(np.asarray(labels), expected, err_msg=variant, **TOL)
-        assert not bool(valid[2]) and float(labels[2]) == 0.0
+        kl, entropy = rollout.response_vision_stats(stats, vision, variant)
+        for got, key in ((kl, kl_key), (entropy, ent_key)):
+            expected = [stats[key][i][vision[i]].mean() if vision[i].any() else np.nan for i in range(len(vision))]
+            np.testing.assert_allclose(got, expected, err_msg=f"{variant} {key}", **TOL)
+        labels = np.asarray(certainty.soft_labels(kl, entropy, vision.any(axis=1)))
+        expected = ref.soft_labels(kl, entropy, vision.any(axis=1))
+        np.testing.assert_allclose(np.delete(labels, 2), np.delete(expected, 2), err_msg=variant, **TOL)
+        assert np.isnan(labels[2])
     with pytest.raises(ValueError, match="unknown soft-label variant"):
-        certainty.visual_soft_labels(stats, vision, "exact")
+        rollout.response_vision_stats(stats, vision, "exact")
 
 
 def test_mean_over_perturbations():

@@ -33,3 +33,33 @@ def test_no_missing_torch_notice_but_real_warnings_still_show(tmp_path):
     """)
     assert NOTICE not in out
     assert "a real transformers warning" in out
+
+
+# Functions named after an equation of PAPER.md: each is defined exactly once in vlcal_jax.
+EQUATIONS = ("harmonic_confidence", "brier_term", "visual_calibration_term", "total_reward",
+             "visual_certainty_score", "soft_labels", "response_vision_stats", "token_certainty",
+             "group_advantages", "k3_from_logprobs", "sampled_kl_from_logprobs", "token_advantage_weights",
+             "tar_weights_paper", "perception_mask", "policy_loss")
+# Former twins of the functions above, which must not come back.
+REMOVED_TWINS = ("response_stats", "visual_soft_labels", "low_var_kl")
+
+
+def test_each_equation_is_defined_once():
+    import ast
+    import collections
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "vlcal_jax")
+    defined = collections.defaultdict(list)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                for node in tree.body:
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        defined[node.name].append(os.path.relpath(path, root))
+    for name in EQUATIONS:
+        assert len(defined[name]) == 1, f"{name} is defined in {defined[name]}"
+    for name in REMOVED_TWINS:
+        assert not defined[name], f"{name} is back in {defined[name]}"

@@ -6,7 +6,7 @@ import statistics
 import numpy as np
 import pytest
 
-from vlcal_jax.rl import rewards
+from vlcal_jax.rl import certainty, rewards
 
 
 def decoupled(answer="4", vision="I see four apples.", v="8", r="6", analysis=True):
@@ -20,6 +20,9 @@ def decoupled(answer="4", vision="I see four apples.", v="8", r="6", analysis=Tr
         + ("<analysis>Clear image.</analysis>" if analysis else "")
         + scores
     )
+
+
+LABEL_TOL = 1e-6  # soft labels are computed in float32 (certainty.soft_labels, jitted)
 
 
 def reference_soft_labels(kl, entropy):
@@ -67,7 +70,7 @@ def test_vl_calibration_every_branch_by_hand():
     assert out["has_vision"].tolist() == has_vision
     labels = reference_soft_labels(kl[has_vision], entropy[has_vision])
     expected_labels = [labels[0], labels[1], labels[2], math.nan, labels[3], labels[4], labels[5]]
-    np.testing.assert_allclose(out["soft_label"], expected_labels, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["soft_label"], expected_labels, rtol=0, atol=LABEL_TOL)
 
     phi = 2 * 0.8 * 0.6 / (0.8 + 0.6)
     accuracy = [1, 0, 1, 1, 1, 1, 1]
@@ -79,8 +82,10 @@ def test_vl_calibration_every_branch_by_hand():
     np.testing.assert_allclose(out["accuracy"], accuracy)
     np.testing.assert_allclose(out["format"], fmt)
     np.testing.assert_allclose(out["brier"], brier, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(out["r_vis"], r_vis, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(out["reward"], expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["r_vis"], r_vis, rtol=0, atol=LABEL_TOL)
+    np.testing.assert_allclose(out["reward"], expected, rtol=0, atol=LABEL_TOL)
+    np.testing.assert_allclose(rewards.total_reward(accuracy, brier, fmt, r_vis, lambda_acc=1.0, lambda_cal=2.0,
+                                                    lambda_fmt=0.4, lambda_vis=0.4), expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(out["confidence"], [phi, phi, np.nan, phi, 0.0, phi, np.nan], rtol=0, atol=1e-12)
     assert out["has_confidence"].tolist() == [True, True, False, True, True, True, False]
     # One response: std 0, so S_vis = 0.5; R = 1 + 2 * -(0.6857 - 1)^2 + 0.4 - 0.4 * (0.8 - 0.5)^2.
@@ -105,24 +110,25 @@ def test_vl_calibration_weights_and_missing_statistics():
         rewards.vl_calibration(responses, golds, lambda_vis=0.0, lambda_visual=1.0)
 
 
-def test_soft_labels():
+def test_soft_labels_in_the_reward():
     rng = np.random.default_rng(0)
+    responses = [decoupled() if rng.random() < 0.7 else decoupled(vision=None) for _ in range(16)]
     kl, entropy = rng.random(16) * 0.5, rng.random(16) * 3
-    valid = rng.random(16) < 0.7
-    labels = rewards.soft_labels(kl, entropy, valid)
-    np.testing.assert_allclose(labels[valid], reference_soft_labels(kl[valid], entropy[valid]), rtol=0, atol=1e-12)
-    assert np.isnan(labels[~valid]).all()
-    # Equal scores (std < 1e-6): every label is sigmoid(0) = 0.5.
-    assert rewards.soft_labels([0.2, 0.4], [1.0, 2.0], [True, True]).tolist() == [0.5, 0.5]
+    out = rewards.vl_calibration(responses, ["4"] * 16, vision_kl=kl, vision_entropy=entropy)
+    valid = out["has_vision"]
+    assert 0 < valid.sum() < 16
+    np.testing.assert_allclose(out["soft_label"][valid], reference_soft_labels(kl[valid], entropy[valid]),
+                               rtol=0, atol=LABEL_TOL)
+    assert np.isnan(out["soft_label"][~valid]).all() and (out["r_vis"][~valid] == -1.0).all()
     # A non-finite statistic (a vision span that covered no token) gets no label and no say in the z-score.
-    with_nan = rewards.soft_labels([0.2, np.nan, 0.1], [1.0, 1.0, 2.0], [True, True, True])
+    with_nan = rewards.vl_calibration([decoupled()] * 3, ["4"] * 3, vision_kl=[0.2, np.nan, 0.1],
+                                      vision_entropy=[1.0, 1.0, 2.0])["soft_label"]
     np.testing.assert_allclose(with_nan, [reference_soft_labels([0.2, 0.1], [1.0, 2.0])[0], np.nan,
-                                          reference_soft_labels([0.2, 0.1], [1.0, 2.0])[1]], atol=1e-12)
-    assert np.isnan(rewards.soft_labels([0.1], [0.1], [False])).all()
+                                          reference_soft_labels([0.2, 0.1], [1.0, 2.0])[1]], atol=LABEL_TOL)
     with pytest.raises(ValueError, match=">= 0"):
-        rewards.soft_labels([-0.1, 0.2], [1.0, 1.0], [True, True])
-    with pytest.raises(ValueError, match="must all be"):
-        rewards.soft_labels([0.1, 0.2], [1.0], [True, True])
+        rewards.vl_calibration([decoupled()] * 2, ["4"] * 2, vision_kl=[-0.1, 0.2], vision_entropy=[1.0, 1.0])
+    with pytest.raises(ValueError, match=r"must be \[2\]"):
+        rewards.vl_calibration([decoupled()] * 2, ["4"] * 2, vision_kl=[0.1, 0.2], vision_entropy=[1.0])
 
 
 def test_equation_functions():
@@ -130,7 +136,8 @@ def test_equation_functions():
                                [0.96 / 1.4, 0.0, np.nan, 1.0])
     assert rewards.brier_term([np.nan, 0.3, 0.3], [1, 1, 0]).tolist() == pytest.approx([-1.0, -0.49, -0.09])
     assert rewards.visual_calibration_term([0.5, np.nan, 0.5], [0.25, 0.5, np.nan]).tolist() == [-0.0625, -1.0, -1.0]
-    assert rewards.visual_certainty_score([np.e - 1e-8], [1 - 1e-8])[0] == pytest.approx(1.0, abs=1e-12)
+    assert float(certainty.visual_certainty_score(np.array([np.e - 1e-8]), np.array([1 - 1e-8]))[0]) == \
+        pytest.approx(1.0, abs=1e-6)
 
 
 def rlcr_response(answer="4", confidence="7", analysis=True):

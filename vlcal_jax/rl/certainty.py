@@ -36,7 +36,8 @@ SAMPLED_CLAMP = 10.0  # the released code clamps sampled KL estimators to [0, 10
 # leading K axis when several perturbations are scored).
 PERTURBED_KEYS = ("logq", "kl", "kl_sample", "k3")
 
-# Which per-token statistics the two soft-label variants average: (grounding, certainty).
+# Which per-token statistics the two soft-label variants average over the vision span
+# (rollout.response_vision_stats): (grounding D_KL, certainty H).
 SOFT_LABEL_VARIANTS = {
     "paper": ("kl", "entropy"),  # exact full-vocabulary KL and entropy (default).
     "released": ("kl_sample", "nll"),  # sampled-token proxies of the authors' code.
@@ -96,7 +97,8 @@ def sampled_kl_from_logprobs(logp: jax.Array, logq: jax.Array) -> jax.Array:
 
 
 def visual_certainty_score(kl: jax.Array, entropy: jax.Array) -> jax.Array:
-    """S = log(D_KL + 1e-8) - log(H + 1e-8), elementwise (PAPER.md section 4)."""
+    """S = log(D_KL + 1e-8) - log(H + 1e-8), elementwise: [...] -> [...] float32 (PAPER.md section 4;
+    per token, the s_t of TAR, section 5)."""
     return jnp.log(kl.astype(jnp.float32) + LOG_EPS) - jnp.log(entropy.astype(jnp.float32) + LOG_EPS)
 
 
@@ -104,15 +106,17 @@ def visual_certainty_score(kl: jax.Array, entropy: jax.Array) -> jax.Array:
 def soft_labels(kl: jax.Array, entropy: jax.Array, valid: jax.Array) -> jax.Array:
     """Soft visual-certainty labels S_vis: kl [N], entropy [N], valid [N] -> [N] (section 4).
 
-    S_vis = sigmoid(z), z the z-score of S = log(kl + 1e-8) - log(entropy + 1e-8) over the
-    valid responses of the whole rollout batch (population std; std < 1e-6 gives z = 0, so
-    S_vis = 0.5). Invalid rows (no vision span) get no label: their value is 0 and they do
-    not enter the batch statistics; the reward treats them as "missing" (R_vis = -1).
+    kl and entropy are each response's D_KL and H over its `<vision>` span
+    (`rollout.response_vision_stats`). S_vis = sigmoid(z), z the z-score of
+    S = log(kl + 1e-8) - log(entropy + 1e-8) over the valid responses of the whole rollout
+    batch (population std; std < 1e-6 gives z = 0, so S_vis = 0.5). A row that is not valid
+    (no vision span) or whose kl or entropy is not finite gets no label: NaN, and no say in
+    the batch statistics; the reward treats it as missing (R_vis = -1).
     """
-    valid = valid.astype(bool)
+    valid = valid.astype(bool) & jnp.isfinite(kl) & jnp.isfinite(entropy)
     score = visual_certainty_score(jnp.where(valid, kl, 1.0), jnp.where(valid, entropy, 1.0))
     z = masked_zscore(score, valid, axis=-1, ddof=0)
-    return jnp.where(valid, jax.nn.sigmoid(z), 0.0)
+    return jnp.where(valid, jax.nn.sigmoid(z), jnp.nan)
 
 
 @jax.jit
@@ -244,34 +248,3 @@ def mean_over_perturbations(token_stats: Mapping[str, jax.Array]) -> dict:
     the masks; clean statistics pass through unchanged.
     """
     return {k: (jnp.mean(v, axis=0) if k in PERTURBED_KEYS else v) for k, v in token_stats.items()}
-
-
-@jax.jit
-def response_stats(token_stats: Mapping[str, jax.Array], vision_mask: jax.Array) -> dict:
-    """Per-response means over the `<vision>` span (PAPER.md section 4): [N, T] -> [N].
-
-    Returns "kl" and "entropy" (exact, the paper's D_KL and H), "kl_sample" and "nll" (the
-    released sampled proxies), "num_tokens" [N] and "valid" [N] bool (has a vision span).
-    Rows without vision tokens have means 0.
-    """
-    count = jnp.sum(vision_mask.astype(jnp.float32), axis=-1)
-    out = {key: masked_mean(token_stats[key], vision_mask, axis=-1) for key in ("kl", "entropy", "kl_sample", "nll")}
-    out["num_tokens"] = count
-    out["valid"] = count > 0
-    return out
-
-
-@functools.partial(jax.jit, static_argnames="variant")
-def visual_soft_labels(
-    token_stats: Mapping[str, jax.Array], vision_mask: jax.Array, variant: str = "paper"
-) -> tuple[jax.Array, jax.Array]:
-    """S_vis for every response: token stats [N, T], vision_mask [N, T] -> (labels [N], valid [N]).
-
-    `variant` picks the estimator: "paper" (exact KL and entropy, the default) or "released"
-    (sampled-token proxies kl_sample and nll). See `soft_labels` for the batch z-score.
-    """
-    if variant not in SOFT_LABEL_VARIANTS:
-        raise ValueError(f"unknown soft-label variant {variant!r}; choose one of {sorted(SOFT_LABEL_VARIANTS)}")
-    kl_key, entropy_key = SOFT_LABEL_VARIANTS[variant]
-    stats = response_stats(token_stats, vision_mask)
-    return soft_labels(stats[kl_key], stats[entropy_key], stats["valid"]), stats["valid"]

@@ -21,7 +21,6 @@ __all__ = [
     "token_advantage_weights",
     "tar_weights_paper",
     "perception_mask",
-    "low_var_kl",
     "policy_loss",
 ]
 
@@ -123,15 +122,6 @@ def perception_mask(token_kl: jax.Array, response_mask: jax.Array, top_p: float 
     positions = jnp.broadcast_to(jnp.arange(key.shape[-1]), key.shape)
     rank = jnp.zeros_like(order).at[jnp.arange(key.shape[0])[:, None], order].set(positions)
     return valid & (rank < keep_count)
-
-
-@jax.jit
-def low_var_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-    """Reference KL per token, k3 / verl "low_var_kl" (PAPER.md section 6): [N, T] -> [N, T].
-
-    kl = clamp(ref_logp - logp, -20, 20); kld = exp(kl) - kl - 1, clamped to [-10, 10].
-    """
-    return k3_from_logprobs(logp, ref_logp, clamp_min=-10.0, clamp_max=10.0)
 
 
 @jax.jit

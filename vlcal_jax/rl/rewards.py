@@ -1,4 +1,5 @@
-"""Reward functions by name (PAPER.md sections 3 and 4), host-side NumPy.
+"""Reward functions by name (PAPER.md section 3), host-side NumPy; the section 4 soft
+labels inside R_vis come from `certainty.soft_labels`.
 
 `get(name)` returns a batch function
 
@@ -19,13 +20,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vlcal_jax.rl import certainty
 from vlcal_jax.rl.format import parse_response, rlcr_vlm_format_score
 from vlcal_jax.rl.grading import grade_answer
 
 RewardFn = Callable[..., dict[str, np.ndarray]]
 _REGISTRY: dict[str, RewardFn] = {}
-SOFT_LABEL_EPS = 1e-8
-SOFT_LABEL_MIN_STD = 1e-6
 
 
 def register(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -78,38 +78,22 @@ def visual_calibration_term(vision_confidence, soft_label) -> np.ndarray:
     return np.where(np.isnan(v) | np.isnan(s), -1.0, -((v - s) ** 2))
 
 
-def visual_certainty_score(vision_kl, vision_entropy) -> np.ndarray:
-    """S = log(D_KL + eps) - log(H + eps), eps = 1e-8 (PAPER.md section 4). [N] -> [N]."""
-    kl = np.asarray(vision_kl, dtype=np.float64)
-    entropy = np.asarray(vision_entropy, dtype=np.float64)
-    return np.log(kl + SOFT_LABEL_EPS) - np.log(entropy + SOFT_LABEL_EPS)
+def total_reward(accuracy, brier, fmt, r_vis, *, lambda_acc: float, lambda_cal: float, lambda_fmt: float,
+                 lambda_vis: float) -> np.ndarray:
+    """R = lambda_acc I + lambda_cal B + lambda_fmt fmt + lambda_vis R_vis (PAPER.md section 3). [N] -> [N]."""
+    return (lambda_acc * np.asarray(accuracy, np.float64) + lambda_cal * np.asarray(brier, np.float64)
+            + lambda_fmt * np.asarray(fmt, np.float64) + lambda_vis * np.asarray(r_vis, np.float64))
 
 
-def soft_labels(vision_kl, vision_entropy, valid) -> np.ndarray:
-    """S_vis = sigmoid(z-score of S over the valid responses of the batch) (PAPER.md section 4).
-
-    vision_kl [N], vision_entropy [N], valid [N] bool -> [N], nan where not valid. The
-    z-score uses the population std over the valid entries; if that std is below 1e-6 every
-    z is 0 (label 0.5). Entries with a non-finite KL or entropy are treated as not valid.
-    """
-    kl = np.asarray(vision_kl, dtype=np.float64)
-    entropy = np.asarray(vision_entropy, dtype=np.float64)
-    valid = np.asarray(valid, dtype=bool)
-    if not kl.shape == entropy.shape == valid.shape or kl.ndim != 1:
-        raise ValueError(
-            f"vision_kl {kl.shape}, vision_entropy {entropy.shape} and valid {valid.shape} must all be [N]"
-        )
-    valid = valid & np.isfinite(kl) & np.isfinite(entropy)
-    labels = np.full(kl.shape, np.nan)
-    if not valid.any():
-        return labels
-    if np.any(kl[valid] < 0) or np.any(entropy[valid] < 0):
+def _batch_soft_labels(vision_kl, vision_entropy, has_vision) -> np.ndarray:
+    """Checks the per-response vision statistics [N] and returns `certainty.soft_labels` (nan = no label)."""
+    kl, entropy = np.asarray(vision_kl, np.float64), np.asarray(vision_entropy, np.float64)
+    n = len(has_vision)
+    if kl.shape != (n,) or entropy.shape != (n,):
+        raise ValueError(f"vision_kl {kl.shape} and vision_entropy {entropy.shape} must be [{n}]")
+    if np.any(kl[np.isfinite(kl)] < 0) or np.any(entropy[np.isfinite(entropy)] < 0):
         raise ValueError("vision_kl and vision_entropy must be >= 0 (a KL divergence and an entropy)")
-    score = visual_certainty_score(kl[valid], entropy[valid])
-    std = score.std()
-    z = np.zeros_like(score) if std < SOFT_LABEL_MIN_STD else (score - score.mean()) / std
-    labels[valid] = 1.0 / (1.0 + np.exp(-z))
-    return labels
+    return np.asarray(certainty.soft_labels(kl, entropy, np.asarray(has_vision, bool)), np.float64)
 
 
 def _check_batch(responses, golds, choices) -> list:
@@ -142,7 +126,8 @@ def vl_calibration(
     """R = lambda_acc I + lambda_cal B + lambda_fmt fmt + lambda_vis R_vis (PAPER.md section 3).
 
     vision_kl [N], vision_entropy [N]: the response's mean KL and entropy over its `<vision>`
-    tokens (section 4; nan where it has none); soft labels are computed over this batch.
+    tokens (section 4, `rollout.response_vision_stats`; nan where it has none); the soft
+    labels (`certainty.soft_labels`) are computed over this batch.
     Both may be None only with lambda_vis = 0 (R_vis is then -1 everywhere, as in the
     released code without statistics).
     """
@@ -157,18 +142,16 @@ def vl_calibration(
         if lambda_vis != 0.0:
             raise ValueError(
                 "vl_calibration needs vision_kl and vision_entropy [N] (PAPER.md section 4) to build the soft "
-                "visual labels; compute them with rl.certainty, or pass lambda_vis=0 to drop R_vis"
+                "visual labels; compute them with rollout.response_vision_stats, or pass lambda_vis=0 to drop R_vis"
             )
         labels = np.full(len(parsed), np.nan)
     else:
-        kl, entropy = np.asarray(vision_kl, np.float64), np.asarray(vision_entropy, np.float64)
-        if kl.shape != (len(parsed),) or entropy.shape != (len(parsed),):
-            raise ValueError(f"vision_kl {kl.shape} and vision_entropy {entropy.shape} must be [{len(parsed)}]")
-        labels = soft_labels(kl, entropy, has_vision)
+        labels = _batch_soft_labels(vision_kl, vision_entropy, has_vision)
     phi = harmonic_confidence(v, r)
     brier = brier_term(phi, accuracy)
     r_vis = visual_calibration_term(v, labels)
-    reward = lambda_acc * accuracy + lambda_cal * brier + lambda_fmt * fmt + lambda_vis * r_vis
+    reward = total_reward(accuracy, brier, fmt, r_vis, lambda_acc=lambda_acc, lambda_cal=lambda_cal,
+                          lambda_fmt=lambda_fmt, lambda_vis=lambda_vis)
     return {
         "reward": reward, "accuracy": accuracy, "format": fmt, "brier": brier, "r_vis": r_vis,
         "vision_confidence": v, "reasoning_confidence": r, "confidence": phi, "soft_label": labels,

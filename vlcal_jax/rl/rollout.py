@@ -15,7 +15,7 @@ import numpy as np
 from vlcal_jax import models, processing
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.rl import format as rformat
-from vlcal_jax.rl import grpo, rewards
+from vlcal_jax.rl import certainty, grpo, rewards
 
 
 @dataclasses.dataclass
@@ -169,10 +169,17 @@ def decode_responses(tokenizer, tokens, lengths, mode: str = "decoupled"):
 
 
 def response_vision_stats(token_stats: dict, vision_mask, variant: str = "paper") -> tuple[np.ndarray, np.ndarray]:
-    """Per-response (KL, entropy) means over the vision span [N]; NaN where there is no span.
-    variant "paper": the exact full-vocabulary KL(p || q) and entropy H(p); "released": the
-    authors' sampled-token proxies p(o_t) clamp(log p - log q, -20, 20) and -log p(o_t)."""
-    kl_key, h_key = {"paper": ("kl", "entropy"), "released": ("kl_sample", "nll")}[variant]
+    """D_KL and H of PAPER.md section 4: each response's means over its vision-span tokens.
+
+    token_stats: the [N, M] statistics of `step.score`; vision_mask [N, M] -> (kl [N],
+    entropy [N]), NaN where a response has no vision token. variant "paper": the exact
+    full-vocabulary KL(p || q) and entropy H(p); "released": the authors' sampled-token
+    proxies p(o_t) clamp(log p - log q, -20, 20) and -log p(o_t) (certainty.SOFT_LABEL_VARIANTS).
+    """
+    if variant not in certainty.SOFT_LABEL_VARIANTS:
+        raise ValueError(f"unknown soft-label variant {variant!r}; "
+                         f"choose one of {sorted(certainty.SOFT_LABEL_VARIANTS)}")
+    kl_key, h_key = certainty.SOFT_LABEL_VARIANTS[variant]
     mask = np.asarray(vision_mask, np.float64)
     count = mask.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
