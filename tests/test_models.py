@@ -1,8 +1,9 @@
-"""Qwen3-VL port vs transformers (torch, CPU, float32): logits, checkpoints, compile counts."""
+"""Qwen3-VL port vs transformers (torch, CPU, float32): logits, checkpoints, compile counts, input checks."""
 
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 import hf_utils as H
 from vlcal_jax import models
+from vlcal_jax.models import qwen3_vl
 
 CONFIGS = {
     # untied, GQA 4:1, DeepStack on the first two ViT blocks
@@ -22,7 +24,8 @@ CONFIGS = {
 TOL = 1e-4
 
 
-def _close(ours, ref, mask):
+def assert_close_to_hf(ours, ref, mask):
+    """max |ours - HF| over the valid tokens <= TOL * max |HF| (test_nnx uses it too)."""
     valid = np.asarray(mask).astype(bool)
     err = np.abs(np.asarray(ours) - ref)[valid].max()
     assert err <= TOL * np.abs(ref[valid]).max(), f"max |ours - HF| = {err}"
@@ -46,7 +49,7 @@ def test_logits_match_hf_with_images_padding_and_text_rows(hf_checkpoint):
     ids, mask, pv, grid = H.make_batch(rng, grids, [[0], [1, 2], []], patch_dim=config.vision.patch_dim)
     assert (mask == 0).any(), "batch must contain left padding"
     ref = H.hf_logits(model, ids, mask, pv, grid)
-    _close(models.forward(config, params, ids, mask, pv, grid), ref, mask)
+    assert_close_to_hf(models.forward(config, params, ids, mask, pv, grid), ref, mask)
 
 
 def test_text_only_batch_matches_hf(hf_checkpoint):
@@ -54,7 +57,7 @@ def test_text_only_batch_matches_hf(hf_checkpoint):
     config, params = models.from_pretrained(path)
     ids = np.random.default_rng(2).integers(1, 300, size=(2, 9))
     mask = np.ones_like(ids)
-    _close(models.forward(config, params, ids, mask), H.hf_logits(model, ids, mask), mask)
+    assert_close_to_hf(models.forward(config, params, ids, mask), H.hf_logits(model, ids, mask), mask)
 
 
 def test_round_trip_ours_to_hf(tmp_path):
@@ -70,10 +73,10 @@ def test_round_trip_ours_to_hf(tmp_path):
     rng = np.random.default_rng(4)
     grids = [(1, 4, 4), (1, 6, 2)]
     ids, mask, pv, grid = H.make_batch(rng, grids, [[0, 1], []], patch_dim=config.vision.patch_dim)
-    _close(models.forward(config, params, ids, mask, pv, grid), H.hf_logits(hf, ids, mask, pv, grid), mask)
+    assert_close_to_hf(models.forward(config, params, ids, mask, pv, grid), H.hf_logits(hf, ids, mask, pv, grid), mask)
     # and back: our loader reads what we wrote, bit for bit
     _, again = models.from_pretrained(out)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
+    chex.assert_trees_all_equal(params, again)
 
 
 def test_sharded_checkpoints_load_both_ways(tmp_path):
@@ -85,17 +88,18 @@ def test_sharded_checkpoints_load_both_ways(tmp_path):
     config, params = models.from_pretrained(hf_dir)
     rng = np.random.default_rng(6)
     ids, mask, pv, grid = H.make_batch(rng, [(1, 4, 4)], [[0]], patch_dim=config.vision.patch_dim)
-    _close(models.forward(config, params, ids, mask, pv, grid), H.hf_logits(model, ids, mask, pv, grid), mask)
+    ref = H.hf_logits(model, ids, mask, pv, grid)
+    assert_close_to_hf(models.forward(config, params, ids, mask, pv, grid), ref, mask)
 
     ours_dir = str(tmp_path / "ours_sharded")
     models.save_pretrained(config, params, ours_dir, max_shard_bytes=40_000)
     with open(os.path.join(ours_dir, "model.safetensors.index.json")) as f:
         assert len(set(json.load(f)["weight_map"].values())) > 1
     _, again = models.from_pretrained(ours_dir)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, again))
+    chex.assert_trees_all_equal(params, again)
 
 
-def test_forward_compiles_once_per_bucket():
+def test_forward_compiles_once_per_bucket(monkeypatch):
     cfg = H.tiny_hf_config()
     config = models.ModelConfig.from_hf_dict(cfg.to_dict())
     params = models.init_params(config, jax.random.key(0))
@@ -103,10 +107,18 @@ def test_forward_compiles_once_per_bucket():
     # Different image sizes, same padded length and same patch bucket -> one compilation.
     a = H.make_batch(rng, [(1, 4, 6)], [[0], []], patch_dim=config.vision.patch_dim, length=24)
     b = H.make_batch(rng, [(1, 2, 8)], [[], [0]], patch_dim=config.vision.patch_dim, length=24)
-    before = models.apply_jit._cache_size()
+    traces = []
+
+    def apply(*args, **kwargs):
+        traces.append(1)
+        return qwen3_vl.apply(*args, **kwargs)
+
+    # forward's jit, rebuilt around a chex trace limit: a second trace (= compilation) raises
+    chex.clear_trace_counter()
+    monkeypatch.setattr(qwen3_vl, "apply_jit", jax.jit(chex.assert_max_traces(apply, n=1), static_argnums=(0,)))
     models.forward(config, params, *a).block_until_ready()
     models.forward(config, params, *b).block_until_ready()
-    assert models.apply_jit._cache_size() - before == 1
+    assert len(traces) == 1
 
 
 def test_bad_checkpoint_errors_name_the_problem(tmp_path):
@@ -148,3 +160,21 @@ def test_bfloat16_params_run_and_stay_close(hf_checkpoint):
     ref = H.hf_logits(model, ids, mask, pv, grid)
     assert ours.dtype == np.float32
     assert np.abs(ours - ref)[mask.astype(bool)].max() < 0.05 * np.abs(ref).max()
+
+
+def test_forward_input_shape_errors_name_the_argument():
+    """chex checks at forward's entry: they fail before the params are read (None here)."""
+    config = models.ModelConfig.from_hf_dict(H.tiny_hf_config().to_dict())
+    rng = np.random.default_rng(10)
+    ids, mask, pv, grid = H.make_batch(rng, [(1, 4, 4)], [[0]], patch_dim=config.vision.patch_dim)
+    dim = config.vision.patch_dim
+    cases = [
+        (r"shape \(\d+,\) but .*\[input_ids must be \[B, T\] int\]", (ids[0], mask[0], pv, grid)),
+        (r"type float32 but .*\[input_ids must be \[B, T\] int\]", (ids.astype(np.float32), mask, pv, grid)),
+        (r"\[attention_mask must be \[B, T\] = \[1, \d+\] like input_ids\]", (ids, mask[:, 1:], pv, grid)),
+        (rf"\[pixel_values must be \[N_patches, patch_dim={dim}\] float\]", (ids, mask, pv[:, 1:], grid)),
+        (r"\[image_grid_thw must be \[N_images, 3\] int\]", (ids, mask, pv, grid[0])),
+    ]
+    for message, args in cases:
+        with pytest.raises(AssertionError, match=message):
+            models.forward(config, None, *args)

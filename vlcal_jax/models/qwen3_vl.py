@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +104,54 @@ def forward(config: ModelConfig, params, input_ids, attention_mask=None, pixel_v
 
     Compiles once per (batch, length, patch bucket) shape; pad lengths to buckets upstream.
     """
+    check_batch(config, input_ids, attention_mask, pixel_values, image_grid_thw)
     inputs = prepare_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw,
                             patch_bucket=patch_bucket)
     return apply_jit(config, params, inputs)
+
+
+def _expect(x, shape, dtype, what: str):
+    chex.assert_shape(x, shape, custom_message=what)
+    if dtype is not None:
+        chex.assert_type(x, dtype, custom_message=what)
+
+
+def check_batch(config: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+    """chex shape/dtype checks of a processor-format batch, with errors that name the argument:
+    input_ids [B, T] int, attention_mask [B, T], pixel_values [N_patches, patch_dim] float,
+    image_grid_thw [N_images, 3] int. Shapes only: free, and trace-time under jit."""
+    arrays = [x if x is None or hasattr(x, "shape") else np.asarray(x)
+              for x in (input_ids, attention_mask, pixel_values, image_grid_thw)]
+    input_ids, attention_mask, pixel_values, image_grid_thw = arrays
+    _expect(input_ids, (None, None), int, "input_ids must be [B, T] int")
+    if attention_mask is not None:
+        _expect(attention_mask, input_ids.shape, None, f"attention_mask must be [B, T] = {list(input_ids.shape)} "
+                                                       "like input_ids")
+    if pixel_values is not None:
+        _expect(pixel_values, (None, config.vision.patch_dim), float,
+                f"pixel_values must be [N_patches, patch_dim={config.vision.patch_dim}] float")
+    if image_grid_thw is not None:
+        _expect(image_grid_thw, (None, 3), int, "image_grid_thw must be [N_images, 3] int")
+
+
+def check_inputs(config: ModelConfig, inputs: ModelInputs, name: str = "inputs"):
+    """chex shape/dtype checks of prepared `ModelInputs` (see its docstring for the shapes), with
+    errors that name the field. Shapes only: trace-time under jit, nothing is added to the program."""
+    _expect(inputs.input_ids, (None, None), int, f"{name}.input_ids must be [B, T] int")
+    batch, length = inputs.input_ids.shape
+    _expect(inputs.attention_mask, (batch, length), None, f"{name}.attention_mask must be [B, T] = [{batch}, {length}]")
+    _expect(inputs.position_ids, (3, batch, length), int, f"{name}.position_ids must be [3, B, T] = "
+                                                          f"[3, {batch}, {length}] int")
+    _expect(inputs.next_position, (batch,), int, f"{name}.next_position must be [B] = [{batch}] int")
+    _expect(inputs.image_index, (batch, length), int, f"{name}.image_index must be [B, T] = [{batch}, {length}] int")
+    vis = inputs.vision
+    if vis is None:
+        return
+    dim = config.vision.patch_dim
+    _expect(vis.pixel_values, (None, None, dim), float, f"{name}.vision.pixel_values must be [I, P, {dim}] float")
+    images, patches = vis.pixel_values.shape[:2]
+    for field, tail, dtype in (("rope_hw", (2,), int), ("interp_index", (4,), int), ("interp_weight", (4,), float),
+                               ("patch_mask", (), None)):
+        shape = (images, patches) + tail
+        _expect(getattr(vis, field), shape, dtype, f"{name}.vision.{field} must be {list(shape)} "
+                                                   "(I, P of pixel_values)")
