@@ -24,7 +24,10 @@ BATCH = ("data", "fsdp")
 # Column-parallel projections split their output over "tensor", row-parallel ones their input;
 # the other matrix dimension is split over "fsdp" (ZeRO-3 style: gathered per layer in the scan).
 QWEN3_VL_RULES: tuple[tuple[str, P], ...] = (
-    (r"^visual/patch_embed/kernel$", P("fsdp", "tensor")),
+    # the input dim is the pixel-patch dim (3*2*16*16): splitting it over "fsdp" made the kernel
+    # gradient x^T g reshard the batch-split pixel_values by replicating them on every chip
+    # (XLA's "involuntary full rematerialization"); the matrix is small (1536 x 1024 in Qwen3-VL)
+    (r"^visual/patch_embed/kernel$", P(None, "tensor")),
     (r"^visual/patch_embed/bias$", P("tensor")),
     (r"^visual/pos_embed$", P(None, "tensor")),
     (r"^visual/blocks/(norm1|norm2)/(scale|bias)$", P(None, None)),
