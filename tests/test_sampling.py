@@ -1,4 +1,5 @@
-"""Rollout engine: greedy parity with HF generate, log-probs, sampling distribution, EOS, compiles."""
+"""Rollout engine: greedy parity with HF generate, log-probs, sampling distribution, EOS, compiles,
+input checks."""
 
 import jax
 import jax.numpy as jnp
@@ -133,9 +134,11 @@ def test_eos_stops_rows_pads_after_and_unstopped_rows_run_to_the_cap(tiny):
 
 def test_same_buckets_compile_nothing_new(tiny):
     _, config, params, (ids, mask, pv, grid) = tiny
-    kwargs = dict(max_new_tokens=4, temperature=1.0, n=2, rng=jax.random.key(4))
+    kwargs = dict(max_new_tokens=4, temperature=1.0, n=2, rng=jax.random.key(4))  # no other test's settings
+    start = sampling.compile_count()
     sampling.generate(config, params, ids, mask, pv, grid, **kwargs)
     before = sampling.compile_count()
+    assert before == start + 1, "a new program must be counted"
     # other image sizes with the same patch bucket, shorter prompts in the same length bucket
     batch = H.make_batch(np.random.default_rng(13), [(1, 6, 4), (1, 4, 6), (1, 2, 2), (1, 4, 4)], ROWS,
                          patch_dim=config.vision.patch_dim)
@@ -152,3 +155,26 @@ def test_sampling_is_deterministic_per_rng(tiny):
     c = sampling.generate(config, params, ids, mask, pv, grid, rng=jax.random.key(10), **kwargs)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_input_shape_errors_name_the_argument(tiny):
+    """chex checks at generate's entry (host arrays) and generate_from_inputs' (at trace time)."""
+    _, config, params, (ids, mask, pv, grid) = tiny
+    kwargs = dict(max_new_tokens=2, temperature=0.0)
+    with pytest.raises(AssertionError, match=r"\[input_ids must be \[B, T\] int\]"):
+        sampling.generate(config, params, ids[0], mask[0], **kwargs)
+    with pytest.raises(AssertionError, match=r"\[attention_mask must be \[B, T\]"):
+        sampling.generate(config, params, ids, mask[:2], pv, grid, **kwargs)
+    with pytest.raises(AssertionError, match=r"\[pixel_values must be \[N_patches, patch_dim=\d+\] float\]"):
+        sampling.generate(config, params, ids, mask, pv.reshape(-1, 2, pv.shape[1]), grid, **kwargs)
+    inputs = models.prepare_inputs(config, ids, mask, pv, grid)
+    static = dict(max_new_tokens=2, n=1, greedy=True, top_k=0, eos_token_ids=(), pad_token_id=0)
+    before = sampling.compile_count()
+    bad_positions = inputs._replace(position_ids=inputs.position_ids[0])
+    bad_mask = inputs._replace(vision=inputs.vision._replace(patch_mask=inputs.vision.patch_mask[:, :8]))
+    for bad, message in ((bad_positions, r"inputs.position_ids must be \[3, B, T\]"),
+                         (bad_mask, r"inputs.vision.patch_mask must be \[\d+, \d+\]")):
+        with pytest.raises(AssertionError, match=message):
+            sampling.generate_from_inputs(config, params, bad, jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0),
+                                          **static)
+    assert sampling.compile_count() == before  # each failed at its trace: nothing compiled

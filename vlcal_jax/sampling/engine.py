@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
+# Programs traced by `generate_from_inputs`: its Python body runs only when jit traces a new
+# signature (each completed trace is one compiled program); counting there needs no private jit state.
+_programs_traced = 0
+
 
 class SampleOutput(NamedTuple):
     """tokens int32 [B*n, M] (pad after EOS); logprobs [B*n, M] of each token under the sampling
@@ -103,6 +107,7 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
                          max_new_tokens: int, n: int, greedy: bool, top_k: int, eos_token_ids: tuple[int, ...],
                          pad_token_id: int, use_top_p: bool = True) -> SampleOutput:
     """The whole rollout as one compiled program (see `generate` for the arguments)."""
+    qwen3_vl.check_inputs(config, inputs)
     batch, prompt_len = inputs.input_ids.shape
     rows = batch * n
     total = prompt_len + max_new_tokens
@@ -152,6 +157,8 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
 
     state = (jnp.int32(0), tokens, sample_lps, policy_lps, k, v, done, lengths, rng)
     _, tokens, sample_lps, policy_lps, _, _, done, lengths, _ = jax.lax.while_loop(cond, body, state)
+    global _programs_traced
+    _programs_traced += 1  # a completed trace; this line does not run when the compiled program does
     return SampleOutput(tokens, sample_lps, policy_lps, lengths, done)
 
 
@@ -188,6 +195,7 @@ def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_value
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    qwen3_vl.check_batch(config, input_ids, attention_mask, pixel_values, image_grid_thw)
     mask = np.ones_like(np.asarray(input_ids)) if attention_mask is None else attention_mask
     length = bucket_length(np.asarray(input_ids).shape[1], length_buckets) if length_buckets else None
     if length:
@@ -197,16 +205,16 @@ def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_value
         inputs = shard_inputs(inputs, mesh)
     rng = jax.random.key(0) if rng is None else rng
     greedy = temperature == 0
-    before = generate_from_inputs._cache_size()
+    before = compile_count()
     out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
                                max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
                                eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id,
                                use_top_p=top_p < 1.0)
-    if generate_from_inputs._cache_size() > before:
+    if compile_count() > before:
         log.info("compiled generate: batch=%d length=%d patches=%s n=%d max_new_tokens=%d (%d programs)",
                  inputs.input_ids.shape[0], inputs.input_ids.shape[1],
                  None if inputs.vision is None else inputs.vision.pixel_values.shape[0], n, max_new_tokens,
-                 generate_from_inputs._cache_size())
+                 compile_count())
     return out
 
 
@@ -230,5 +238,6 @@ def shard_inputs(inputs: qwen3_vl.ModelInputs, mesh) -> qwen3_vl.ModelInputs:
 
 
 def compile_count() -> int:
-    """How many generate programs have been compiled in this process."""
-    return generate_from_inputs._cache_size()
+    """How many generate programs have been traced, i.e. compiled, in this process (a program
+    placed on another device compiles again without a new trace, and is not counted)."""
+    return _programs_traced
