@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,17 +66,41 @@ def _fresh(params, optimizer):
     return step.init_state(jax.tree.map(jnp.asarray, params), optimizer)
 
 
-def test_train_step_compiles_once_for_batches_of_equal_shapes(world, no_kl_step):
+def test_train_step_compiles_once_for_batches_of_equal_shapes(world, no_kl_step, monkeypatch):
     config, params, batch = world
     optimizer, train_step = no_kl_step
     other = U.make_rl_batch(config, params, seed=5)
     assert not np.array_equal(other.inputs.input_ids, batch.inputs.input_ids)
     state, metrics = train_step(_fresh(params, optimizer), batch, jax.random.key(0))
+    # The step's body calls step.loss_fn only while jit traces it: from here on a trace raises.
+    chex.clear_trace_counter()
+    monkeypatch.setattr(step, "loss_fn", chex.assert_max_traces(step.loss_fn, n=0))
     with U.CompileCounter() as compiles:
         state, metrics = train_step(state, other, jax.random.key(1))
         assert int(state.step) == 2 and float(metrics["skipped"]) == 0.0
     assert compiles.count == 0
-    assert train_step._cache_size() == 1
+
+
+def test_train_step_input_errors_name_the_field(world, no_kl_step):
+    """chex checks at the step's entry, at trace time: each bad batch fails before compiling."""
+    config, params, batch = world
+    optimizer, train_step = no_kl_step
+    state = _fresh(params, optimizer)
+    inputs = batch.inputs
+    cases = [
+        (batch._replace(old_logp=batch.old_logp[:, 1:]),
+         rf"\[batch.old_logp must be \[N, M\] = \[{PROMPTS * N}, {M}\] like batch.response_mask\]"),
+        (batch._replace(advantages=batch.advantages[:, None]),
+         rf"\[batch.advantages must be \[N\] = \[{PROMPTS * N}\]\]"),
+        (batch._replace(token_kl=batch.token_kl.astype(np.int32)), r"\[batch.token_kl must be float\]"),
+        (batch._replace(inputs=inputs._replace(image_index=inputs.image_index[:, 1:])),
+         r"\[batch.inputs.image_index must be \[B, T\]"),
+    ]
+    with U.CompileCounter() as compiles:
+        for bad, message in cases:
+            with pytest.raises(AssertionError, match=message):
+                train_step(state, bad, jax.random.key(0))
+    assert compiles.count == 0
 
 
 def test_equal_rewards_without_kl_leave_params_bit_identical(world, no_kl_step):
@@ -318,14 +343,34 @@ def test_score_without_perturbation_has_zero_kl_and_the_same_clean_stats(scoring
     assert np.abs(clean["ref_logp"] - clean["logp"])[valid].max() > 1e-2
 
 
-def test_score_compiles_once_for_batches_of_equal_shapes(scoring):
-    config, params, ref_params, _, _, rl, _, _ = scoring
+def test_score_compiles_once_for_batches_of_equal_shapes(scoring, monkeypatch):
+    config, params, ref_params, _, _, rl, _, _ = scoring  # the fixture compiled score for these shapes
     other, _ = U.rollout_inputs(config, prompts=PROMPTS, n=N, response_len=M, seed=9)
-    compiled = step.score._cache_size()
+    # score's body calls step.response_hidden only while jit traces it: a trace now raises.
+    chex.clear_trace_counter()
+    monkeypatch.setattr(step, "response_hidden", chex.assert_max_traces(step.response_hidden, n=0))
     with U.CompileCounter() as compiles:
         out = step.score(config, params, ref_params, other, jax.random.key(1), rl=rl, num_response=M)
         assert np.isfinite(np.asarray(out["kl"])).all()
-    assert compiles.count == 0 and step.score._cache_size() == compiled
+    assert compiles.count == 0
+
+
+def test_score_input_errors_name_the_argument(scoring):
+    """chex checks at score's entry, at trace time."""
+    config, params, ref_params, inputs, _, rl, rng, _ = scoring
+    short_norm = {**ref_params, "text": {**ref_params["text"], "norm": ref_params["text"]["norm"][1:]}}
+    cases = [
+        ((params, ref_params, inputs._replace(input_ids=inputs.input_ids.astype(np.float32))),
+         r"\[inputs.input_ids must be \[B, T\] int\]"),
+        ((params, ref_params, inputs._replace(next_position=inputs.next_position[:1])),
+         rf"\[inputs.next_position must be \[B\] = \[{PROMPTS * N}\] int\]"),
+        ((params, short_norm, inputs), r"text/norm.*\[ref_params must have the tree and shapes of params\]"),
+    ]
+    with U.CompileCounter() as compiles:
+        for args, message in cases:
+            with pytest.raises(AssertionError, match=message):
+                step.score(config, *args, rng, rl=rl, num_response=M)
+    assert compiles.count == 0
 
 
 def test_sharded_step_equals_one_device_step(sharded_run):

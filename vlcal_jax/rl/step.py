@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -185,6 +186,9 @@ def score(config: ModelConfig, params, ref_params, inputs: qwen3_vl.ModelInputs,
     KL, soft-label variant "paper"), kl_sample (the released sampled proxy, variant
     "released"), k3 (averaged over K), ref_logp. Rows without images get zero perturbation
     statistics."""
+    qwen3_vl.check_inputs(config, inputs)
+    chex.assert_trees_all_equal_shapes(params, ref_params, custom_message="ref_params must have the tree and "
+                                                                          "shapes of params")
     targets = inputs.input_ids[:, -num_response:]
     kernel = text.lm_head_kernel(config, params)
     hidden = response_hidden(config, params, inputs, num_response)
@@ -252,8 +256,25 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step, params, opt_state)
 
 
+def check_batch(config: ModelConfig, batch: RLBatch):
+    """chex shape/dtype checks of an RLBatch (see its docstring), naming the bad field; shapes
+    only, so they run once at trace time and add nothing to the compiled step."""
+    qwen3_vl.check_inputs(config, batch.inputs, "batch.inputs")
+    chex.assert_rank(batch.response_mask, 2, custom_message="batch.response_mask must be [N, M]")
+    rows, m = batch.response_mask.shape
+    chex.assert_shape(batch.inputs.input_ids, (rows, None), custom_message=f"batch.inputs.input_ids must be "
+                                                                          f"[N, Tp + M] with N = {rows}")
+    chex.assert_shape(batch.advantages, (rows,), custom_message=f"batch.advantages must be [N] = [{rows}]")
+    for name in ("vision_mask", "old_logp", "ref_logp", "token_k3", "token_nll", "token_kl", "token_entropy"):
+        message = f"batch.{name} must be [N, M] = [{rows}, {m}] like batch.response_mask"
+        chex.assert_shape(getattr(batch, name), (rows, m), custom_message=message)
+        if name != "vision_mask":
+            chex.assert_type(getattr(batch, name), float, custom_message=f"batch.{name} must be float")
+
+
 def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng):
     del rng  # the update is deterministic; kept in the signature for stochastic variants
+    check_batch(config, batch)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, config, rl, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
