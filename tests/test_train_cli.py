@@ -5,10 +5,13 @@ import json
 import os
 import shutil
 
+import fsspec
+import orbax.checkpoint as ocp
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from vlcal_jax import train
-from vlcal_jax.training import logs
+from vlcal_jax.training import checkpoints, logs
 
 
 def tiny_config(workdir):
@@ -81,8 +84,99 @@ def test_resume_continues_and_skips_a_corrupt_checkpoint(first_run, tmp_path):
                 f.write(b"garbage")
     config = tiny_config(resumed)
     config.rl.steps = 3
-    config.eval.before_rl = False
     train.run(config)
-    steps = [r["step"] for r in rl_rows(resumed)]
-    # steps 1-2 from the first run, then 2 again (resumed from checkpoint 1) and 3
-    assert steps == [1, 2, 2, 3]
+    rows = rl_rows(resumed)
+    # resumed from checkpoint 1: step 2 is redone (its old row replaced, with the same metrics), then 3
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+    assert [strip(r) for r in rows[:2]] == [strip(r) for r in rl_rows(workdir)]
+
+
+@pytest.mark.parametrize("sft_steps", [2, 0], ids=["warm_start", "rl_checkpoint"])
+def test_checkpoint_of_another_model_is_refused(first_run, tmp_path, sft_steps):
+    workdir, _ = first_run
+    other = tmp_path / "other"
+    shutil.copytree(workdir, other)
+    config = tiny_config(other)
+    config.sft.steps = sft_steps
+    config.model.init.text.intermediate_size = 256  # the checkpoints were written with 384
+    with pytest.raises(checkpoints.IncompatibleCheckpoint, match="holds checkpoints of a different model"):
+        train.run(config)
+
+
+class StandInBucket(LocalFileSystem):
+    """gs:// served from a local directory (no bucket is reachable here): what gcsfs does for a
+    real bucket, for every file the run writes through fsspec."""
+
+    protocol = ("gs", "gcs")
+    root_dir = ""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("finalize_on_close", None)
+        super().__init__(*args, auto_mkdir=True, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                return os.path.join(cls.root_dir, path[len(prefix):])
+        return super()._strip_protocol(path)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """gs://bucket/... -> tmp_path/bucket/... for fsspec (our writers, orbax's metadata through
+    etils.epath) and, for orbax's arrays, which tensorstore writes to GCS natively, the
+    CheckpointManager gets the URL (recorded: it must arrive untouched) and writes the stand-in."""
+    from etils.epath import backend
+
+    StandInBucket.root_dir = str(tmp_path / "gcs")
+    saved = {p: fsspec.registry.get(p) for p in ("gs", "gcs")}
+    for p in saved:
+        fsspec.register_implementation(p, StandInBucket, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    seen = []
+    real = ocp.CheckpointManager
+
+    def manager(directory, *args, **kwargs):
+        seen.append(str(directory))
+        return real(str(directory).replace("gs://", StandInBucket.root_dir + "/"), *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.ocp, "CheckpointManager", manager)
+    monkeypatch.setenv("VLCAL_CACHE", str(tmp_path / "cache-machine-1"))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path / "gcs" / "bucket", seen
+    for p, cls in saved.items():
+        if cls is None:
+            importlib.import_module("fsspec.registry")._registry.pop(p, None)
+        else:
+            fsspec.register_implementation(p, cls, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    StandInBucket.clear_instance_cache()
+
+
+def test_gs_workdir_is_written_through_and_resumes_on_another_machine(first_run, bucket, tmp_path, monkeypatch):
+    root, seen = bucket
+    config = tiny_config(tmp_path / "unused")
+    config.workdir = "gs://bucket/run"
+    summary = train.run(config)
+    run = root / "run"
+    for name in ("config.json", "metrics.jsonl", "summary.json", "before_rl.json", "training_curves.png",
+                 "tokenizer/tokenizer.json", "eval/before_rl/metrics.json", "eval/after_rl/metrics.json",
+                 "model/config.json", "model/model.safetensors", "checkpoints/2", "warm_start"):
+        assert (run / name).exists(), name
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tb"))
+    assert summary["model_dir"] == "gs://bucket/run/model"
+    assert all(p.startswith("gs://bucket/run/") for p in summary["plots"])
+    assert seen and all(d.startswith("gs://bucket/run/") for d in seen), seen  # orbax got the URL as is
+    assert not any("gs:" in name for name in os.listdir(tmp_path)), "a URL was turned into a local path"
+    # the same metrics as the local run of this config
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(rl_rows(run)) == strip(rl_rows(first_run[0]))
+
+    # another machine (an empty local cache) continues the run from the bucket alone
+    monkeypatch.setenv("VLCAL_CACHE", str(tmp_path / "cache-machine-2"))
+    config.rl.steps = 3
+    train.run(config)
+    assert [r["step"] for r in rl_rows(run)] == [1, 2, 3]

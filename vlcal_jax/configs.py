@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.vce_kind = "blackout"
     c.rl.vce_prob = 0.8
     c.rl.vce_k = 1
+    c.rl.vce_noise_std = 189.0  # vce_kind="noise": Gaussian pixel noise std (0..255 scale), PAPER.md section 4
+    c.rl.vce_grey = 128.0  # vce_kind="grey": the grey pixel value patches are set to
+    c.rl.kl_clamp = 10.0  # the k3 reference-KL clamp, as in the released code
 
     c.eval = ml_collections.ConfigDict()
     c.eval.size = 500

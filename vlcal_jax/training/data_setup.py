@@ -9,6 +9,7 @@ import os
 import ml_collections
 
 from vlcal_jax.data import benchmarks, reader, scenes
+from vlcal_jax.training import storage
 
 log = logging.getLogger("vlcal_jax.train")
 
@@ -30,10 +31,15 @@ def _reader_kwargs(d: ml_collections.ConfigDict) -> dict:
                 category_key=d.category_key or None)
 
 
-def setup_data(config: ml_collections.ConfigDict) -> TrainData:
+def setup_data(config: ml_collections.ConfigDict, run_dir: storage.RunDir) -> TrainData:
+    """The run's data. Generated scenes live in `data.path`, else `workdir/data` (for a gs://
+    workdir: in its local mirror; they are regenerated from `data.seed` on another machine)."""
     d = config.data
     if d.kind == "scenes":
-        root = d.path or os.path.join(config.workdir, "data")
+        if d.path and storage.is_url(d.path):
+            raise ValueError(f"config.data.path={d.path!r}: the scene world is written and read locally; "
+                             "give a local directory (or leave it empty for workdir/data)")
+        root = storage.resolve(d.path) if d.path else run_dir.local("data")
         if not os.path.exists(os.path.join(root, "dataset_info.json")):
             log.info("writing %d generated scenes to %s", d.num_examples, root)
             scenes.write_dataset(root, d.num_examples, seed=d.seed, config=scenes.SceneConfig(**dict(d.scene)),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -50,10 +49,10 @@ def flatten_metrics(group: dict) -> dict:
 class Evaluator:
     """Greedy/low-temperature evaluation of the current params on the held-out examples."""
 
-    def __init__(self, config, model_config, tokenizer, image_config, examples, workdir):
+    def __init__(self, config, model_config, tokenizer, image_config, examples, run_dir):
         self.config, self.model_config = config, model_config
         self.tokenizer, self.image_config = tokenizer, image_config
-        self.examples, self.workdir = examples, workdir
+        self.examples, self.run_dir = examples, run_dir
 
     def run(self, params, *, tag: str, step: int, writer) -> dict:
         if not self.examples:
@@ -66,7 +65,8 @@ class Evaluator:
                           max_new_tokens=self.config.rl.max_new_tokens, temperature=e.temperature,
                           top_p=e.top_p, seed=self.config.seed,
                           length_buckets=tuple(self.config.data.length_buckets),
-                          out_dir=os.path.join(self.workdir, "eval", tag))
+                          out_dir=self.run_dir.local("eval", tag))
+        self.run_dir.publish("eval", tag)
         overall = flatten_metrics(result.metrics["overall"])
         writer.write(step, {f"eval/{k}": v for k, v in overall.items()})
         log.info("eval %s: %s", tag, ", ".join(f"{k}={v:.3f}" for k, v in sorted(overall.items())

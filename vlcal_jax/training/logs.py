@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -29,16 +30,19 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 class MetricWriter:
-    """Scalars to `workdir/metrics.jsonl` and TensorBoard event files under `workdir/tb`."""
+    """Scalars to `metrics.jsonl` and TensorBoard event files under `tb/` of a RunDir.
 
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+    For a remote run (gs://) both are written to the local mirror and published to the URL at
+    most every `publish_every_s` seconds, at every checkpoint (`publish`) and at `close`."""
+
+    def __init__(self, run, enabled: bool = True, publish_every_s: float = 60.0):
+        self.run, self.enabled, self.publish_every_s = run, enabled, publish_every_s
+        self.path = run.local("metrics.jsonl")
+        self._tb, self._published = None, time.monotonic()
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(run.local("tb"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -49,10 +53,34 @@ class MetricWriter:
         for key, value in clean.items():
             self._tb.add_scalar(key, value, step)
         self._tb.flush()
+        if self.run.remote and time.monotonic() - self._published > self.publish_every_s:
+            self.publish()
+
+    def publish(self) -> None:
+        if self.enabled and self.run.remote:
+            self._tb.flush()
+            self.run.publish("metrics.jsonl")
+            self.run.publish("tb")
+            self._published = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:
+            self.publish()
             self._tb.close()
+
+
+def keep_metrics(path: str, keep) -> int:
+    """Rewrites the JSONL metric log with only the rows for which `keep(row)` is true (a resumed
+    run drops what it is about to redo); returns the number of rows dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in rows if keep(r)]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+    return len(rows) - len(kept)
 
 
 def progress(iterable, **kwargs):

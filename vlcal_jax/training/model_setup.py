@@ -39,8 +39,9 @@ def from_scratch_config(m: ml_collections.ConfigDict, tokenizer) -> models.Model
         tie_word_embeddings=m.init.tie_word_embeddings, dtype=m.compute_dtype, remat=m.remat)
 
 
-def setup_model(config: ml_collections.ConfigDict, data, rng):
-    """-> (tokenizer, ModelConfig, params, ImageProcessorConfig)."""
+def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
+    """-> (tokenizer, ModelConfig, params, ImageProcessorConfig). A model from scratch gets a
+    tokenizer fitted once and kept in `workdir/tokenizer` (a resumed run reloads it)."""
     m, d = config.model, config.data
     pixels = {k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)) if v}
     if m.path:
@@ -50,9 +51,9 @@ def setup_model(config: ml_collections.ConfigDict, data, rng):
         model_config = model_config.replace(dtype=m.compute_dtype, remat=m.remat)
         if pixels:
             image_config = dataclasses.replace(image_config, **pixels)
-        return tokenizer, model_config, params, image_config
-    tok_dir = os.path.join(config.workdir, "tokenizer")
-    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return tokenizer, model_config.replace(image_processor=image_config), params, image_config
+    tok_dir = run_dir.local("tokenizer")
+    if run_dir.fetch("tokenizer") and os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         tokenizer = processing.load_tokenizer(tok_dir)
     else:
         if not data.teacher_texts:
@@ -61,12 +62,14 @@ def setup_model(config: ml_collections.ConfigDict, data, rng):
         # the instruction of every prompt is the most frequent text: weight it so it compresses well
         texts = list(data.teacher_texts) + [processing.INSTRUCTIONS[config.rl.prompt]] * 500
         tokenizer = processing.train_demo_tokenizer(texts, m.init.vocab_size, tok_dir)
+        run_dir.publish("tokenizer")
     model_config = from_scratch_config(m, tokenizer)
     params = models.init_params(model_config, rng, dtype=jnp.dtype(m.param_dtype))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("model from scratch: %.2fM parameters, vocab %d", n_params / 1e6, len(tokenizer))
     image_config = processing.ImageProcessorConfig.qwen3_vl(patch_size=m.init.vision.patch_size, **pixels)
-    return tokenizer, model_config, params, image_config
+    # the model config carries the image settings it is trained with (exported with it)
+    return tokenizer, model_config.replace(image_processor=image_config), params, image_config
 
 
 def export(model_config, params, tokenizer, image_config, out_dir: str, prompt: str | None = None) -> None:
