@@ -37,7 +37,10 @@ EXTRAS = {
         "pylatexenc",
         "sympy",
     ],
-    "tpu": ["jax[tpu]>=0.10"],
+    # gs:// workdirs: our logs, reports and exports go through fsspec's gcsfs (orbax writes
+    # checkpoint arrays to GCS natively, its metadata through etils.epath -> fsspec)
+    "gcs": ["gcsfs"],
+    "tpu": ["jax[tpu]>=0.10", "gcsfs"],
 }
 
 setup(
