@@ -18,8 +18,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF Qwen3-VL directory (config.json, safetensors, tokenizer.json, preprocessor_config.json)
-    c.model.param_dtype = "float32"
-    c.model.compute_dtype = "float32"
+    c.model.param_dtype = "float32"  # master weights and optimizer state (keep float32: see README, precision)
+    c.model.compute_dtype = "float32"  # matmuls and activations; the frozen reference model is stored in it
     c.model.remat = False
     # used only when model.path is empty: a small Qwen3-VL-architecture model trained from scratch
     c.model.init = ml_collections.ConfigDict(dict(
@@ -93,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.grad_clip = 1.0
     c.rl.warmup_steps = 0
     c.rl.logprob_chunk = 512
+    # rows per micro-batch of the update (a multiple of samples_per_prompt that divides
+    # prompts_per_step x samples_per_prompt); 0: the whole step's batch in one pass
+    c.rl.micro_batch_size = 0
     c.rl.vce_kind = "blackout"
     c.rl.vce_prob = 0.8
     c.rl.vce_k = 1

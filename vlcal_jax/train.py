@@ -45,7 +45,7 @@ def rl_config(config: ml_collections.ConfigDict, image_config=None) -> step.RLCo
         filter_top_p=r.filter_top_p, learning_rate=r.learning_rate, weight_decay=r.weight_decay,
         grad_clip=r.grad_clip, warmup_steps=r.warmup_steps, logprob_chunk=r.logprob_chunk, vce_kind=r.vce_kind,
         vce_prob=r.vce_prob, vce_noise_std=r.vce_noise_std, vce_grey=r.vce_grey, vce_k=r.vce_k,
-        kl_clamp=r.kl_clamp)
+        kl_clamp=r.kl_clamp, micro_batch_size=r.micro_batch_size)
 
 
 def rl_iteration(ctx, state, ref_params, examples, rng):
@@ -58,14 +58,18 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
                                       patch_bucket=ctx.config.data.patch_bucket or None,
                                       num_images=len(examples) * ctx.config.data.max_images_per_prompt)
     t0 = time.perf_counter()
+    # rollouts and scoring read the policy in the compute dtype, cast once per step from the
+    # float32 masters (what the update's matmuls see: the same rounding, so old_logp is on-policy)
+    policy = model_setup.compute_params(state.params, config)
     out = sampling.generate_from_inputs(
-        config, state.params, prompts.inputs, k_sample, jnp.float32(r.temperature), jnp.float32(r.top_p),
+        config, policy, prompts.inputs, k_sample, jnp.float32(r.temperature), jnp.float32(r.top_p),
         max_new_tokens=m, n=n, greedy=False, top_k=0, eos_token_ids=ctx.eos_ids,
         pad_token_id=ctx.tokenizer.pad_token_id, use_top_p=r.top_p < 1.0)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     t1 = time.perf_counter()
     seq = rollout.expand_for_responses(prompts.inputs, tokens, lengths, n)
-    stats = step.score(config, state.params, ref_params, seq, k_score, rl=rl, num_response=m)
+    stats = step.score(config, policy, ref_params, seq, k_score, rl=rl, num_response=m)
+    del policy
     stats = {k: np.asarray(v) for k, v in stats.items()}
     t2 = time.perf_counter()
     texts, vision_mask, parsed = rollout.decode_responses(ctx.tokenizer, tokens, lengths, mode=r.mode)
@@ -188,7 +192,8 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
                   rl=rl_config(config, image_config), eos_ids=tuple(model_setup.eos_ids(tokenizer)), writer=writer)
     evaluator = evaluation.Evaluator(config, model_config, tokenizer, image_config, data.eval_examples, run_dir)
 
-    ref_params = jax.tree.map(jnp.copy, params)  # the reference model = the RL starting point
+    # the reference model = the RL starting point, frozen, stored in the compute dtype
+    ref_params = model_setup.compute_params(params, model_config, copy=True)
     optimizer = step.make_optimizer(ctx.rl)
     state = step.init_state(params, optimizer)
     ckpt = checkpoints.Checkpointer(run_dir.path("checkpoints"), keep=config.checkpoint.keep)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
@@ -50,6 +51,9 @@ class RLConfig:
     vce_noise_std: float = 189.0
     vce_grey: float = 128.0
     vce_k: int = 1
+    # rows per micro-batch of the update (a multiple of samples_per_prompt dividing the batch);
+    # 0: the whole batch in one pass. Gradients accumulate in float32 over a scan inside the one jit.
+    micro_batch_size: int = 0
     # Normalisation of the image processor that made pixel_values (ImageProcessorConfig.image_mean
     # / image_std): the VCE perturbations' black, grey and noise bounds are pixels normalised with it.
     image_mean: tuple[float, ...] = perturb.QWEN3_VL_MEAN
@@ -207,23 +211,37 @@ def score(config: ModelConfig, params, ref_params, inputs: qwen3_vl.ModelInputs,
     return stats
 
 
-def loss_fn(params, config: ModelConfig, rl: RLConfig, batch: RLBatch):
-    """The VL-Calibration objective of PAPER.md sections 5-6 -> (loss, metrics)."""
-    num_response = batch.response_mask.shape[1]
-    targets = batch.inputs.input_ids[:, -num_response:]
-    hidden = response_hidden(config, params, batch.inputs, num_response)
-    logp = token_logprobs(hidden, text.lm_head_kernel(config, params), targets, min(rl.logprob_chunk, num_response))
+def shaped_advantages(rl: RLConfig, batch: RLBatch):
+    """The loss registry's token advantages over the whole batch (TAR weights, perception filter:
+    batch-wide statistics, so computed once, before any micro-batching) -> (effective [N, M],
+    pg_mask [N, M], metrics)."""
     response = batch.response_mask.astype(bool)
     token_stats = {"k3": batch.token_k3, "nll": batch.token_nll, "kl": batch.token_kl,
                    "entropy": batch.token_entropy}
     advantages = grpo.token_advantages(batch.advantages, response)
-    effective, pg_mask, prep_metrics = losses.get(rl.loss)(token_stats, advantages, response, batch.vision_mask,
-                                                           rl.loss_options())
-    loss, metrics = grpo.policy_loss(logp, batch.old_logp, batch.ref_logp, effective, response, pg_mask,
-                                     clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,
-                                     kl_coef=rl.kl_coef, kl_clamp=rl.kl_clamp)
+    return losses.get(rl.loss)(token_stats, advantages, response, batch.vision_mask, rl.loss_options())
+
+
+def micro_loss(params, config: ModelConfig, rl: RLConfig, batch: RLBatch, effective, pg_mask,
+               num_tokens=None, num_pg_tokens=None):
+    """The clipped surrogate + reference KL of `batch`'s rows (PAPER.md section 6), normalised by
+    the global token counts (the whole batch's, not this micro-batch's) -> (loss, metrics)."""
+    num_response = batch.response_mask.shape[1]
+    targets = batch.inputs.input_ids[:, -num_response:]
+    hidden = response_hidden(config, params, batch.inputs, num_response)
+    logp = token_logprobs(hidden, text.lm_head_kernel(config, params), targets, min(rl.logprob_chunk, num_response))
+    return grpo.policy_loss(logp, batch.old_logp, batch.ref_logp, effective, batch.response_mask.astype(bool),
+                            pg_mask, clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,
+                            kl_coef=rl.kl_coef, kl_clamp=rl.kl_clamp, num_tokens=num_tokens,
+                            num_pg_tokens=num_pg_tokens)
+
+
+def loss_fn(params, config: ModelConfig, rl: RLConfig, batch: RLBatch):
+    """The VL-Calibration objective of PAPER.md sections 5-6 -> (loss, metrics)."""
+    effective, pg_mask, prep_metrics = shaped_advantages(rl, batch)
+    loss, metrics = micro_loss(params, config, rl, batch, effective, pg_mask)
     metrics = {**metrics, **{k: v for k, v in prep_metrics.items() if k != "filter_keep_frac"}}
-    metrics["response_tokens"] = jnp.sum(response).astype(jnp.float32)
+    metrics["response_tokens"] = jnp.sum(batch.response_mask.astype(bool)).astype(jnp.float32)
     return loss, metrics
 
 
@@ -272,10 +290,9 @@ def check_batch(config: ModelConfig, batch: RLBatch):
             chex.assert_type(getattr(batch, name), float, custom_message=f"batch.{name} must be float")
 
 
-def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng):
-    del rng  # the update is deterministic; kept in the signature for stochastic variants
-    check_batch(config, batch)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, config, rl, batch)
+def _apply_gradients(optimizer, state: TrainState, loss, metrics, grads):
+    """One optimizer update; a non-finite loss or gradient leaves the state as it was (skipped)."""
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -287,15 +304,68 @@ def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch
     return new_state, metrics
 
 
-def batch_shardings(batch, mesh):
+def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng):
+    del rng  # the update is deterministic; kept in the signature for stochastic variants
+    check_batch(config, batch)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, config, rl, batch)
+    return _apply_gradients(optimizer, state, loss, metrics, grads)
+
+
+# policy_loss metrics already divided by the global token counts; the others are token means
+# of the micro-batch, accumulated weighted by its token count
+_GLOBALLY_NORMALISED = ("loss", "pg_loss", "ref_kl")
+
+
+def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng):
+    """The update over K micro-batches (`batch` leaves [K, N / K, ...], see rl.microbatch): the
+    token advantages from the whole batch, then a scan accumulating float32 gradients and
+    token-weighted metrics, then ONE optimizer step; equal to `_step` on the flat batch up to
+    float32 summation order."""
+    del rng
+    k = batch.response_mask.shape[0]
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch._replace(inputs=None))
+    effective, pg_mask, prep_metrics = shaped_advantages(rl, flat)
+    response = flat.response_mask.astype(bool)
+    num_tokens = jnp.sum(response).astype(jnp.float32)
+    num_pg_tokens = jnp.sum(pg_mask.astype(bool) & response).astype(jnp.float32)
+    per_micro = jax.tree.map(lambda x: x.reshape((k, -1) + x.shape[1:]), (effective, pg_mask))
+
+    def body(carry, xs):
+        grads, sums = carry
+        micro, (eff, pg) = xs
+        check_batch(config, micro)
+        (loss, metrics), g = jax.value_and_grad(micro_loss, has_aux=True)(
+            state.params, config, rl, micro, eff, pg, num_tokens, num_pg_tokens)
+        local = jnp.sum(micro.response_mask.astype(jnp.float32))
+        metrics = {**metrics, "loss": loss}
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        sums = {key: sums[key] + (metrics[key] if key in _GLOBALLY_NORMALISED else metrics[key] * local)
+                for key in sums}
+        return (grads, sums), None
+
+    first = jax.tree.map(lambda x: x[0], (batch, per_micro))
+    keys = jax.eval_shape(lambda m, e: micro_loss(state.params, config, rl, m, *e, num_tokens, num_pg_tokens),
+                          *first)[1].keys()
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, sums), _ = jax.lax.scan(body, (zeros, {key: jnp.zeros((), jnp.float32) for key in keys}),
+                                    (batch, per_micro))
+    metrics = {key: value if key in _GLOBALLY_NORMALISED else value / jnp.maximum(num_tokens, 1.0)
+               for key, value in sums.items()}
+    metrics.update({k2: v for k2, v in prep_metrics.items() if k2 != "filter_keep_frac"})
+    metrics["response_tokens"] = num_tokens
+    return _apply_gradients(optimizer, state, metrics["loss"], metrics, grads)
+
+
+def batch_shardings(batch, mesh, micro: bool = False):
     """Rows split over ("data", "fsdp") where they divide evenly; position_ids carry the batch
-    on axis 1; vision arrays split over images; anything else is replicated."""
+    on axis 1; vision arrays split over images; anything else is replicated. `micro`: leaves have
+    a leading micro-batch axis (rl.microbatch.split), which stays whole."""
     size = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def one(path, leaf):
         name = parallel.path_str(path)
-        axis = 1 if name.endswith("position_ids") else 0
-        if leaf.ndim == 0 or leaf.shape[axis] % size:
+        axis = (1 if name.endswith("position_ids") else 0) + int(micro)
+        if leaf.ndim <= axis or leaf.shape[axis] % size:
             return NamedSharding(mesh, P())
         spec = [None] * leaf.ndim
         spec[axis] = parallel.BATCH
@@ -304,10 +374,54 @@ def batch_shardings(batch, mesh):
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
+class MicroBatchedStep:
+    """`train_step(state, batch, rng) -> (state, metrics)` for rl.micro_batch_size > 0: the flat
+    host RLBatch is laid out as micro-batches (rl.microbatch.split) and the ONE jitted step scans
+    them. `split(batch)` and `jitted(batch)` expose the pieces (ahead-of-time compilation)."""
+
+    def __init__(self, config: ModelConfig, rl: RLConfig, optimizer, mesh=None):
+        self.config, self.rl, self.mesh = config, rl, mesh
+        self._body = functools.partial(_micro_step, config, rl, optimizer)
+        self._compiled = {}
+
+    def split(self, batch: RLBatch) -> RLBatch:
+        from vlcal_jax.rl import microbatch
+
+        return microbatch.split(jax.tree.map(np.asarray, batch), self.rl.micro_batch_size,
+                                self.rl.samples_per_prompt, image_token_id=self.config.image_token_id,
+                                merge_unit=self.config.vision.merge_unit)
+
+    def jitted(self, state, micro_batches):
+        """The jit for this (micro-batched) batch's shapes, with shardings on a mesh."""
+        key = jax.tree.structure(micro_batches), tuple(x.shape for x in jax.tree.leaves(micro_batches))
+        if key not in self._compiled:
+            if self.mesh is None:
+                self._compiled[key] = jax.jit(self._body, donate_argnums=0)
+            else:
+                state_sh = jax.tree.map(lambda x: x.sharding, state)
+                self._compiled[key] = jax.jit(
+                    self._body, donate_argnums=0,
+                    in_shardings=(state_sh, batch_shardings(micro_batches, self.mesh, micro=True),
+                                  parallel.replicated(self.mesh)),
+                    out_shardings=(state_sh, parallel.replicated(self.mesh)))
+        return self._compiled[key]
+
+    def lower(self, state, batch, rng):
+        micro = self.split(batch)
+        return self.jitted(state, micro).lower(state, micro, rng)
+
+    def __call__(self, state, batch, rng):
+        micro = self.split(batch)
+        return self.jitted(state, micro)(state, micro, rng)
+
+
 def make_train_step(config: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransformation, mesh=None):
     """`train_step(state, batch, rng) -> (state, metrics)`: one jit, state donated. With a mesh,
     the step is compiled with explicit in/out shardings (state as it is sharded, batch rows
-    over ("data", "fsdp"), metrics replicated)."""
+    over ("data", "fsdp"), metrics replicated). With rl.micro_batch_size > 0 the update scans
+    micro-batches inside that one jit (MicroBatchedStep)."""
+    if rl.micro_batch_size:
+        return MicroBatchedStep(config, rl, optimizer, mesh)
     step = functools.partial(_step, config, rl, optimizer)
     if mesh is None:
         return jax.jit(step, donate_argnums=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -70,6 +71,25 @@ def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
     image_config = processing.ImageProcessorConfig.qwen3_vl(patch_size=m.init.vision.patch_size, **pixels)
     # the model config carries the image settings it is trained with (exported with it)
     return tokenizer, model_config.replace(image_processor=image_config), params, image_config
+
+
+def compute_params(params, model_config, copy: bool = False):
+    """Floating parameters cast to the compute dtype (a new copy), for rollouts, scoring and the
+    frozen reference model; the float32 masters themselves are only read by the update. When the
+    dtypes agree the params are returned as they are (or copied, with `copy`)."""
+    dtype = jnp.dtype(model_config.compute_dtype)
+
+    def cast(x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+            return _cast(x, dtype)
+        return jnp.copy(x) if copy else x
+
+    return jax.tree.map(cast, params)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(x, dtype):
+    return x.astype(dtype)
 
 
 def export(model_config, params, tokenizer, image_config, out_dir: str, prompt: str | None = None) -> None:
