@@ -96,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
     # rows per micro-batch of the update (a multiple of samples_per_prompt that divides
     # prompts_per_step x samples_per_prompt); 0: the whole step's batch in one pass
     c.rl.micro_batch_size = 0
+    # prompts per sampler call (divides prompts_per_step); 0: all prompts of the step in one call
+    c.rl.rollout_batch_size = 0
     c.rl.vce_kind = "blackout"
     c.rl.vce_prob = 0.8
     c.rl.vce_k = 1
@@ -112,4 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.top_p = 0.95
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))
-    return c
+    # Locked: a mistyped field (c.rl.stepz = 3 in an experiment, --config.rl.stepz=3) is an error,
+    # not a new key. Experiments change values in place; a sub-dict replaced by a plain dict would
+    # come back unlocked, so they update it (c.data.scene.update(...)) instead.
+    return c.lock()

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from vlcal_jax import models, parallel, processing, sampling
 from vlcal_jax.rl import rollout, step
-from vlcal_jax.training import checkpoints, data_setup, evaluation, logs, model_setup, storage, warm
+from vlcal_jax.training import checkpoints, data_setup, evaluation, logs, model_setup, rollouts, storage, warm
 
 log = logging.getLogger("vlcal_jax.train")
 
@@ -61,18 +61,16 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     # rollouts and scoring read the policy in the compute dtype, cast once per step from the
     # float32 masters (what the update's matmuls see: the same rounding, so old_logp is on-policy)
     policy = model_setup.compute_params(state.params, config)
-    out = sampling.generate_from_inputs(
-        config, policy, prompts.inputs, k_sample, jnp.float32(r.temperature), jnp.float32(r.top_p),
-        max_new_tokens=m, n=n, greedy=False, top_k=0, eos_token_ids=ctx.eos_ids,
-        pad_token_id=ctx.tokenizer.pad_token_id, use_top_p=r.top_p < 1.0)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    out = rollouts.generate(config, policy, prompts.inputs, k_sample, prompts_per_chunk=r.rollout_batch_size,
+                            samples=n, max_new_tokens=m, temperature=r.temperature, top_p=r.top_p,
+                            eos_token_ids=ctx.eos_ids, pad_token_id=ctx.tokenizer.pad_token_id,
+                            tokenizer=ctx.tokenizer, mode=r.mode)
+    tokens, lengths, texts, vision_mask = out.tokens, out.lengths, out.texts, out.vision_mask
     t1 = time.perf_counter()
     seq = rollout.expand_for_responses(prompts.inputs, tokens, lengths, n)
-    stats = step.score(config, policy, ref_params, seq, k_score, rl=rl, num_response=m)
+    stats = rollouts.score(config, policy, ref_params, seq, k_score, rl=rl, num_response=m)
     del policy
-    stats = {k: np.asarray(v) for k, v in stats.items()}
     t2 = time.perf_counter()
-    texts, vision_mask, parsed = rollout.decode_responses(ctx.tokenizer, tokens, lengths, mode=r.mode)
     kl, ent = rollout.response_vision_stats(stats, vision_mask, variant=r.soft_label_variant)
     rewards = rollout.score_rewards(texts, examples, n, reward=r.reward, vision_kl=kl, vision_entropy=ent,
                                     **dict(r.reward_weights))
@@ -88,7 +86,7 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
         if value.dtype.kind in "fb" and np.isfinite(value).any():
             metrics[f"reward/{key}"] = float(np.nanmean(value))
     metrics["rollout/response_length"] = float(lengths.mean())
-    metrics["rollout/finished"] = float(np.asarray(out.finished).mean())
+    metrics["rollout/finished"] = float(out.finished.mean())
     metrics["rollout/has_vision_span"] = float(vision_mask.any(-1).mean())
     metrics["vce/vision_kl"] = float(np.nanmean(kl)) if np.isfinite(kl).any() else 0.0
     metrics["vce/vision_entropy"] = float(np.nanmean(ent)) if np.isfinite(ent).any() else 0.0

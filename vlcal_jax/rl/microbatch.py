@@ -26,22 +26,27 @@ def check_size(rows: int, micro_batch_size: int, samples_per_prompt: int) -> int
     return rows // micro_batch_size
 
 
-def _regular_images(inputs: qwen3_vl.ModelInputs, prompts: int, n: int, slots: int, image_token_id: int):
-    """-> (vision with each prompt's images on its own `images_per_prompt` slots, the remapped
-    image_index [N, T], images_per_prompt)."""
+def regular_images(inputs: qwen3_vl.ModelInputs, prompts: int, rows_per_prompt: int, *, image_token_id: int,
+                   merge_unit: int):
+    """-> (inputs whose images sit on a regular grid of `images_per_prompt` slots per prompt, with
+    image_index remapped; images_per_prompt). Rows of a prompt are adjacent (rows_per_prompt of
+    them: 1 for prompt batches, samples_per_prompt for response rows)."""
     vis = inputs.vision
-    total = vis.pixel_values.shape[0]
+    if vis is None:
+        return inputs, 0
+    total, patches = vis.pixel_values.shape[:2]
+    slots = patches // merge_unit
     if total % prompts:
         raise ValueError(f"{total} image slots do not split evenly over {prompts} prompts; build prompt batches "
                          "with num_images = prompts x data.max_images_per_prompt")
     per_prompt = total // prompts
     index = np.asarray(inputs.image_index)
     pads = (np.asarray(inputs.input_ids) == image_token_id) & (np.asarray(inputs.attention_mask) > 0)
-    new_index = index.copy()
+    new_index = np.where(pads, index, 0)
     order = np.zeros(total, np.int64)  # new image slot -> old image
     valid = np.zeros(total, bool)
     for p in range(prompts):
-        rows = slice(p * n, (p + 1) * n)
+        rows = slice(p * rows_per_prompt, (p + 1) * rows_per_prompt)
         block_index, block_pads = index[rows], pads[rows]
         used = np.unique(block_index[block_pads] // slots)
         if len(used) > per_prompt:
@@ -58,34 +63,42 @@ def _regular_images(inputs: qwen3_vl.ModelInputs, prompts: int, n: int, slots: i
         out = np.asarray(leaf)[order].copy()
         out[~valid] = 0
         arrays[name] = out
-    return vision.VisionInputs(**arrays), new_index, per_prompt
+    return inputs._replace(image_index=new_index.astype(np.int32), vision=vision.VisionInputs(**arrays)), per_prompt
+
+
+def take_prompts(inputs: qwen3_vl.ModelInputs, start: int, stop: int, rows_per_prompt: int, images_per_prompt: int,
+                 *, merge_unit: int) -> qwen3_vl.ModelInputs:
+    """Prompts [start, stop) of inputs laid out by `regular_images`: their rows, their images, and
+    image_index relative to those images."""
+    rows = slice(start * rows_per_prompt, stop * rows_per_prompt)
+    vis = inputs.vision
+    image_index = np.asarray(inputs.image_index)[rows]
+    if vis is not None:
+        slots = vis.pixel_values.shape[1] // merge_unit
+        images = slice(start * images_per_prompt, stop * images_per_prompt)
+        vis = jax.tree.map(lambda x: np.asarray(x)[images], vis)
+        image_index = np.maximum(image_index - start * images_per_prompt * slots, 0)
+    return qwen3_vl.ModelInputs(
+        input_ids=np.asarray(inputs.input_ids)[rows], attention_mask=np.asarray(inputs.attention_mask)[rows],
+        position_ids=np.asarray(inputs.position_ids)[:, rows], next_position=np.asarray(inputs.next_position)[rows],
+        image_index=image_index.astype(np.int32), vision=vis)
 
 
 def split(batch, micro_batch_size: int, samples_per_prompt: int, *, image_token_id: int, merge_unit: int):
     """An RLBatch of host arrays [N, ...] -> the same batch as K micro-batches [K, N / K, ...]."""
     rows = np.asarray(batch.response_mask).shape[0]
     k = check_size(rows, micro_batch_size, samples_per_prompt)
-    inputs = batch.inputs
     prompts = rows // samples_per_prompt
-    vis, image_index = inputs.vision, np.asarray(inputs.image_index)
-    if vis is not None:
-        vis, image_index, per_prompt = _regular_images(inputs, prompts, samples_per_prompt,
-                                                       vis.pixel_values.shape[1] // merge_unit, image_token_id)
-        slots_per_micro = (micro_batch_size // samples_per_prompt) * per_prompt * (
-            vis.pixel_values.shape[1] // merge_unit)
-        offsets = (np.arange(rows) // micro_batch_size) * slots_per_micro
-        image_index = np.where(np.asarray(inputs.input_ids) == image_token_id, image_index - offsets[:, None], 0)
-        vis = jax.tree.map(lambda x: x.reshape(k, -1, *x.shape[1:]), vis)
+    inputs, per_prompt = regular_images(batch.inputs, prompts, samples_per_prompt, image_token_id=image_token_id,
+                                        merge_unit=merge_unit)
+    step = micro_batch_size // samples_per_prompt
+    parts = [take_prompts(inputs, p, p + step, samples_per_prompt, per_prompt, merge_unit=merge_unit)
+             for p in range(0, prompts, step)]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *parts)
 
     def rows_first(x):
         x = np.asarray(x)
         return x.reshape(k, -1, *x.shape[1:])
 
-    new_inputs = qwen3_vl.ModelInputs(
-        input_ids=rows_first(inputs.input_ids), attention_mask=rows_first(inputs.attention_mask),
-        position_ids=np.asarray(inputs.position_ids).reshape(3, k, -1, inputs.position_ids.shape[-1]).transpose(
-            1, 0, 2, 3),
-        next_position=rows_first(inputs.next_position), image_index=rows_first(image_index.astype(np.int32)),
-        vision=vis)
     fields = {name: rows_first(value) for name, value in batch._asdict().items() if name != "inputs"}
-    return type(batch)(inputs=new_inputs, **fields)
+    return type(batch)(inputs=stacked, **fields)

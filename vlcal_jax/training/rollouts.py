@@ -1,0 +1,95 @@
+"""A step's rollouts in chunks of prompts and its scoring in micro-batches of rows.
+
+The paper's step (256 prompts x 8 samples x 4096 tokens) fits neither one sampler call nor one
+scoring call. `generate` runs `rl.rollout_batch_size` prompts per sampler call (every chunk
+has the same shapes: one compiled program) and dispatches chunk i + 1 before the host decodes
+chunk i, so the host's detokenising and span finding overlap the device's generation (JAX
+dispatch is asynchronous; only reading a chunk's tokens waits for it). `score` runs
+`rl.micro_batch_size` rows per call and concatenates the per-token statistics, so the soft
+labels' batch statistics are still taken over the whole rollout batch (PAPER.md section 4).
+Chunks hold whole prompts; their images travel with them (rl.microbatch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlcal_jax import sampling
+from vlcal_jax.rl import microbatch, rollout, step
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """N = prompts * n responses: tokens [N, M], lengths [N], finished [N], texts [N],
+    vision_mask bool [N, M] (tokens of the <vision> content), parsed responses [N]."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    finished: np.ndarray
+    texts: list
+    vision_mask: np.ndarray
+    parsed: list
+
+
+def chunk_size(total: int, size: int, name: str, unit: int = 1) -> int:
+    """`size` (0: all) checked to split `total` evenly; errors name the setting."""
+    size = size or total
+    if total % size or size % unit:
+        raise ValueError(f"{name}={size} must divide {total} (and be a multiple of {unit})")
+    return size
+
+
+def generate(config, policy, prompt_inputs, rng, *, prompts_per_chunk: int, samples: int, max_new_tokens: int,
+             temperature: float, top_p: float, eos_token_ids, pad_token_id: int, tokenizer, mode: str) -> Rollouts:
+    """Samples `samples` responses per prompt, `prompts_per_chunk` prompts per sampler call."""
+    prompts = np.asarray(prompt_inputs.input_ids).shape[0]
+    size = chunk_size(prompts, prompts_per_chunk, "rl.rollout_batch_size")
+    chunks = prompts // size
+    if chunks > 1:
+        prompt_inputs, per_prompt = microbatch.regular_images(
+            prompt_inputs, prompts, 1, image_token_id=config.image_token_id, merge_unit=config.vision.merge_unit)
+
+    def dispatch(c):
+        inputs = prompt_inputs if chunks == 1 else microbatch.take_prompts(
+            prompt_inputs, c * size, (c + 1) * size, 1, per_prompt, merge_unit=config.vision.merge_unit)
+        key = rng if chunks == 1 else jax.random.fold_in(rng, c)
+        return sampling.generate_from_inputs(
+            config, policy, inputs, key, jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
+            n=samples, greedy=False, top_k=0, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+            use_top_p=top_p < 1.0)
+
+    parts = []
+    pending = dispatch(0)
+    for c in range(chunks):
+        following = dispatch(c + 1) if c + 1 < chunks else None  # queued before the host work below
+        tokens, lengths = np.asarray(pending.tokens), np.asarray(pending.lengths)
+        texts, vision_mask, parsed = rollout.decode_responses(tokenizer, tokens, lengths, mode=mode)
+        parts.append((tokens, lengths, np.asarray(pending.finished), texts, vision_mask, parsed))
+        pending = following
+    tokens, lengths, finished, texts, vision_mask, parsed = zip(*parts)
+    return Rollouts(np.concatenate(tokens), np.concatenate(lengths), np.concatenate(finished),
+                    [t for chunk in texts for t in chunk], np.concatenate(vision_mask),
+                    [p for chunk in parsed for p in chunk])
+
+
+def score(config, policy, ref_params, seq, rng, *, rl: step.RLConfig, num_response: int) -> dict[str, np.ndarray]:
+    """step.score over micro-batches of rl.micro_batch_size rows -> per-token statistics [N, M] (host)."""
+    rows = np.asarray(seq.input_ids).shape[0]
+    size = chunk_size(rows, rl.micro_batch_size, "rl.micro_batch_size", rl.samples_per_prompt)
+    if size == rows:
+        stats = step.score(config, policy, ref_params, seq, rng, rl=rl, num_response=num_response)
+        return {k: np.asarray(v) for k, v in stats.items()}
+    n = rl.samples_per_prompt
+    seq, per_prompt = microbatch.regular_images(seq, rows // n, n, image_token_id=config.image_token_id,
+                                                merge_unit=config.vision.merge_unit)
+    parts = []
+    for i, start in enumerate(range(0, rows // n, size // n)):
+        micro = microbatch.take_prompts(seq, start, start + size // n, n, per_prompt,
+                                        merge_unit=config.vision.merge_unit)
+        parts.append(step.score(config, policy, ref_params, micro, jax.random.fold_in(rng, i), rl=rl,
+                                num_response=num_response))
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
