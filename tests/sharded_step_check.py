@@ -1,7 +1,7 @@
 """Sharded == unsharded train step, on 8 simulated CPU devices (run by test_train_step.py).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_check.py \
-        [--seeds 0,1] [--meshes 2x2x2,1x8x1,1x4x2]
+        [--seeds 0,1] [--meshes 2x2x2,1x8x1,1x4x2,2x2x2/mb4]
 
 Two updates per seed (AdamW's second step reads the sharded optimizer state; the first batch is
 on-policy, old_logp == logp, as in training, the second off-policy) on meshes (data, fsdp,
@@ -39,12 +39,14 @@ against a 16-ulp budget), of the parameter changes 0.16, params 3.3e-6 and optim
 4.0e-6 relative (bound 1e-5), and ppo_kl differed by at most 1.0e-7 absolute. So the bounds
 hold with a 6-12x margin rather than by luck, while a real sharding bug (a wrong reduction, a
 dropped shard) moves these quantities by orders of magnitude more. CI runs seeds 0 and 1 on
-the first three meshes.
+the first three meshes and on 2x2x2 with the update in two micro-batches ("2x2x2/mb4": the
+micro-batched sharded step against the one-shot one-device step).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -62,7 +64,7 @@ import rl_utils as U  # noqa: E402
 from vlcal_jax import parallel  # noqa: E402
 from vlcal_jax.rl import step  # noqa: E402
 
-MESHES = ((2, 2, 2), (1, 8, 1), (1, 4, 2))
+MESHES = ("2x2x2", "1x8x1", "1x4x2", "2x2x2/mb4")
 EPS32 = float(np.finfo(np.float32).eps)
 LOGP_ULPS = 16  # per-token log-prob budget, in ulps of max|logp|
 VALUE_ULPS = 64  # round-off of a metric's own reduction, in ulps of its magnitude
@@ -137,12 +139,14 @@ def update_margin(ours, ref, start) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--meshes", default=",".join("x".join(map(str, m)) for m in MESHES))
+    parser.add_argument("--meshes", default=",".join(MESHES))
     args = parser.parse_args()
     if jax.device_count() != 8:
         raise SystemExit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), have "
                          f"{jax.device_count()}")
-    meshes = [tuple(int(s) for s in m.split("x")) for m in args.meshes.split(",")]
+    # "2x2x2/mb4": that mesh with the update micro-batched (rl.micro_batch_size=4: 2 micro-batches)
+    meshes = [(tuple(int(s) for s in m.split("/")[0].split("x")), int(m.split("/mb")[1]) if "/mb" in m else 0)
+              for m in args.meshes.split(",")]
     config = U.tiny_config(tie=False, bias=True, deepstack=(0,), layers=2, depth=1)
     rl = step.RLConfig(samples_per_prompt=2, kl_coef=0.1, logprob_chunk=4)
     # make_optimizer's structure (clip, AdamW) with a large eps: with eps=1e-8 the first Adam step is
@@ -169,13 +173,14 @@ def main():
         final_logp = np.asarray(U.policy_logprobs(config, ref_state.params, batches[1].inputs, m_resp))
         report[f"seed{seed}"] = {"reference_param_change": moved, "setup_and_reference_s":
                                  round(time.perf_counter() - start, 1)}
-        for shape in meshes:
+        for shape, micro in meshes:
             begin = time.perf_counter()
             mesh = parallel.make_mesh(*shape)
             state = step.init_state(parallel.shard_params(params, mesh), optimizer)
+            rl_mesh = dataclasses.replace(rl, micro_batch_size=micro)
             metrics, _, final, recompiles, device_state = run(
-                step.make_train_step(config, rl, optimizer, mesh=mesh), state, batches)
-            name = f"seed{seed}/" + "x".join(map(str, shape))
+                step.make_train_step(config, rl_mesh, optimizer, mesh=mesh), state, batches)
+            name = f"seed{seed}/" + "x".join(map(str, shape)) + (f"/mb{micro}" if micro else "")
             q = device_state.params["text"]["layers"]["attn"]["q_proj"]["kernel"]
             expected = parallel.spec_for("text/layers/attn/q_proj/kernel", q.shape, mesh)
             assert q.sharding.spec == expected and expected != P(None, None, None), (name, q.sharding)
