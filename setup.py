@@ -41,6 +41,8 @@ EXTRAS = {
     # checkpoint arrays to GCS natively, its metadata through etils.epath -> fsspec)
     "gcs": ["gcsfs"],
     "tpu": ["jax[tpu]>=0.10", "gcsfs"],
+    # python -m vlcal_jax.fit: libtpu compiles for TPU slices on a CPU host; pinned to the jax in use
+    "fit": ["jax[tpu]==0.10.2"],
 }
 
 setup(

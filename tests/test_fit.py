@@ -1,0 +1,102 @@
+"""python -m vlcal_jax.fit: ahead-of-time compilation of the RL step for TPU slices (libtpu).
+
+A tiny Qwen3-VL-architecture model (cpu_demo's, one layer) is compiled for a v4-8 and a v5e-8
+in a subprocess; its numbers are checked against hand counts (parameters per chip, KV cache,
+mesh), and a batch too large for a v5e-8 must exit 1 naming a micro-batch that fits (which
+XLA then compiles within HBM). CI installs the `fit` extra; without libtpu the tests skip.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason='libtpu is not installed: pip install -e ".[fit]" (vlcal_jax.fit compiles '
+                                       "for TPU with it)")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", os.path.join(ROOT, "experiments", "cpu_demo.py"),
+        "--config.model.init.text.num_hidden_layers=1", "--config.model.init.vision.depth=1",
+        "--config.data.length_buckets=(32,)", "--config.rl.max_new_tokens=16", "--config.rl.logprob_chunk=16",
+        "--config.rl.prompts_per_step=8", "--config.rl.samples_per_prompt=2", "--config.model.compute_dtype=bfloat16"]
+
+
+def _fit(tmp_path, *args):
+    out = tmp_path / "fit.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+    proc = subprocess.run([sys.executable, "-m", "vlcal_jax.fit", *TINY, f"--json={out}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    records = json.loads(out.read_text()) if out.exists() else None
+    return proc, records
+
+
+def _param_count(tiny_init) -> int:
+    """Hand count of the tiny model's parameters (configs.default_config().model.init, 1 layer each)."""
+    t, v = tiny_init.text, tiny_init.vision
+    d, q, kv = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    layer = d * q + 2 * d * kv + q * d + 2 * t.head_dim + 3 * d * t.intermediate_size + 2 * d
+    dv, wide = v.hidden_size, v.hidden_size * 4
+    patch = 3 * 2 * v.patch_size**2
+    block = 4 * dv + (3 * dv * dv + 3 * dv) + (dv * dv + dv) + (dv * v.intermediate_size + v.intermediate_size) \
+        + (v.intermediate_size * dv + dv)
+    merger = lambda norm: 2 * norm + wide * wide + wide + wide * d + d  # noqa: E731
+    vision = patch * dv + dv + v.num_position_embeddings * dv + block + merger(dv) + merger(wide)
+    return tiny_init.vocab_size * d + layer + d + vision  # tied head
+
+
+def test_tiny_config_fits_v4_8_and_v5e_8(tmp_path):
+    from vlcal_jax.configs import default_config
+
+    proc, records = _fit(tmp_path, "--topology=v4-8,v5e-8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    init = default_config().model.init
+    init.text.num_hidden_layers, init.vision.depth = 1, 1
+    count = _param_count(init)
+    for record, chips in zip(records, (4, 8)):
+        assert record["fits"] and record["chips"] == chips and record["mesh"] == {"data": 1, "fsdp": chips,
+                                                                                "tensor": 1}
+        sampler = record["memory"]["sampler"]
+        # float32 masters split over the chips, except what the partition rules keep whole: the patch
+        # embedding and position table (over "tensor" only) and the norms and biases (< 3000 values);
+        # the reference model and the policy copy in bfloat16: half of it
+        whole = 3 * 2 * init.vision.patch_size**2 * init.vision.hidden_size \
+            + init.vision.num_position_embeddings * init.vision.hidden_size
+        split = (count - whole) * 4 / chips + whole * 4
+        assert split - 3000 * 4 <= sampler["parameters"] <= split + 3000 * 4
+        assert sampler["reference_model"] == sampler["policy_copy"] == sampler["parameters"] // 2
+        assert 1.9 * sampler["parameters"] <= sampler["optimizer_state"] <= 2.1 * sampler["parameters"]
+        # [L, rows, KV heads, Tp + M, hd] keys and values in bfloat16, rows split over the chips
+        assert sampler["kv_cache"] == 2 * 1 * 16 * 2 * (32 + 16) * 32 * 2 // chips
+        for program in ("sampler", "score", "update"):
+            memory = record["memory"][program]
+            assert memory["refused"] is None and 0 < memory["total"] < record["hbm_bytes"]
+        assert record["time"]["step"]["seconds"] > 0 and 0 < record["time"]["step"]["mfu"] <= 1
+        assert record["memory"]["update"]["policy_copy"] == 0  # dropped before the update
+    for name, hbm in (("v4-8", 32), ("v5e-8", 16)):
+        assert re.search(rf"^{name}: .* {hbm} GiB HBM", proc.stdout, re.M), proc.stdout
+        assert f"fits {name}: peak" in proc.stdout
+    for row in ("master parameters", "optimizer state", "reference model", "of which KV cache", "temporaries",
+                "total live", "HBM", "RL step"):
+        assert row in proc.stdout
+
+
+def test_too_large_a_micro_batch_exits_1_naming_one_that_fits(tmp_path):
+    # 256 responses in one pass with a 2^20-token vocabulary: the [rows, chunk, V] float32 logits
+    # of scoring and of the update need more than a v5e chip's 16 GiB
+    proc, records = _fit(tmp_path, "--topology=v5e-8", "--config.rl.prompts_per_step=128",
+                         "--config.model.init.vocab_size=1048576", "--config.data.max_images_per_prompt=0")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = records[0]
+    assert not record["fits"] and record["memory"]["score"]["refused"], proc.stdout
+    fitting = record["fitting_sizes"]
+    assert fitting is not None, proc.stdout
+    rows = fitting["sizes"]["micro_batch"]
+    assert rows < 256 and 256 % rows == 0 and rows % 2 == 0
+    assert f"--config.rl.micro_batch_size={rows}" in proc.stdout
+    assert all(m["refused"] is None and m["total"] <= record["hbm_bytes"] for m in fitting["memory"].values())
+    assert fitting["time"]["score"]["calls"] == 256 // rows

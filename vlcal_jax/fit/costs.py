@@ -1,0 +1,110 @@
+"""Analytic FLOPs and HBM bytes of the RL step's programs, and roofline times on a chip.
+
+XLA's `cost_analysis()` counts a loop body once (the layer scan, the decode `while_loop`, the
+micro-batch scan), so its FLOPs are low by the trip counts; these are counted by hand instead.
+
+Model FLOPs (what MFU is measured against) of a forward pass, with D the text width, F the MLP
+width, H/KV heads of size hd, L layers, V the vocabulary, Dv/Fv/Lv/Hv the vision tower's:
+    per text token   L * (2 * (2 * D * H * hd + 2 * D * KV * hd + 3 * D * F) + 4 * ctx * H * hd)
+                     ctx = T / 2 for causal self-attention over T tokens (the useful half),
+                     Tp + m for decode step m (it attends to the prompt and m generated tokens)
+    per head token   2 * D * V   (only where logits are computed: response tokens, sampled steps)
+    per image        P * (2 * patch_dim * Dv + Lv * (2 * (4 * Dv^2 + 2 * Dv * Fv) + 4 * P * Dv))
+                     + (1 + n_deepstack) * P / 4 * 2 * (W^2 + W * D),  W = 4 * Dv   (P patches)
+The update is forward + backward = 3x the forward; remat recomputes the forward once more,
+which the hardware does (time) but MFU does not count.
+
+HBM bytes count weights, the KV cache and the optimizer state, not activations, so the times
+are lower bounds: time = max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip, with the
+work split evenly over the chips (perfect FSDP) and collectives not modelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vlcal_jax.fit.topology import Chip
+from vlcal_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """One program's work over the whole slice: model FLOPs, hardware FLOPs, and the HBM bytes
+    one chip moves; `time` is a roofline lower bound in seconds."""
+
+    model_flops: float
+    hardware_flops: float
+    bytes_per_chip: float
+    time: float
+
+    def mfu(self, chip: Chip, chips: int) -> float:
+        return self.model_flops / (self.time * chip.peak_flops * chips) if self.time else 0.0
+
+
+def text_token_flops(config: ModelConfig, context: float) -> float:
+    t = config.text
+    d, hd = t.hidden_size, t.head_dim
+    matmuls = 2 * (2 * d * t.num_attention_heads * hd + 2 * d * t.num_key_value_heads * hd + 3 * d * t.intermediate_size)
+    return t.num_hidden_layers * (matmuls + 4 * context * t.num_attention_heads * hd)
+
+
+def head_token_flops(config: ModelConfig) -> float:
+    return 2 * config.text.hidden_size * config.text.vocab_size
+
+
+def image_flops(config: ModelConfig, patches: int) -> float:
+    v = config.vision
+    dv, wide = v.hidden_size, v.hidden_size * v.merge_unit
+    blocks = v.depth * (2 * (4 * dv * dv + 2 * dv * v.intermediate_size) + 4 * patches * dv)
+    mergers = (1 + len(v.deepstack_visual_indexes)) * 2 * (wide * wide + wide * v.out_hidden_size) / v.merge_unit
+    return patches * (2 * v.patch_dim * dv + blocks + mergers)
+
+
+def forward_flops(config: ModelConfig, rows: int, length: int, images: int, patches: int, head_tokens: int) -> float:
+    """One teacher-forced (or prefill) pass: `rows` x `length` tokens, `images` images."""
+    return (rows * length * text_token_flops(config, length / 2) + images * image_flops(config, patches)
+            + head_tokens * head_token_flops(config))
+
+
+def _time(flops: float, bytes_: float, chip: Chip, chips: int) -> float:
+    return max(flops / chips / chip.peak_flops, bytes_ / chip.hbm_bandwidth)
+
+
+def sampler(config: ModelConfig, chip: Chip, chips: int, *, prompts: int, samples: int, prompt_len: int,
+            new_tokens: int, images: int, patches: int, weight_bytes: float, text_weight_bytes: float,
+            kv_bytes_per_chip: float) -> Cost:
+    """Prefill of `prompts` prompts, then `new_tokens - 1` decode steps of prompts x samples rows
+    (every row runs to the end: the worst case the program is sized for). Each decode step
+    reads the gathered text weights and this chip's whole KV cache (it attends over the padded
+    cache under a mask)."""
+    rows = prompts * samples
+    prefill = forward_flops(config, prompts, prompt_len, images, patches, head_tokens=prompts)
+    steps = new_tokens - 1
+    mean_context = prompt_len + new_tokens / 2
+    decode = steps * rows * (text_token_flops(config, mean_context) + head_token_flops(config))
+    time = _time(prefill, weight_bytes, chip, chips) + steps * _time(
+        decode / max(steps, 1), text_weight_bytes + kv_bytes_per_chip, chip, chips)
+    return Cost(prefill + decode, prefill + decode, weight_bytes + steps * (text_weight_bytes + kv_bytes_per_chip),
+                time)
+
+
+def score(config: ModelConfig, chip: Chip, chips: int, *, rows: int, samples: int, length: int, response_len: int,
+          images: int, patches: int, vce_k: int, weight_bytes: float) -> Cost:
+    """Clean and K perturbed policy passes and the reference pass over `rows` responses; each
+    perturbed pass runs the tower on one image copy per response (a fresh mask per response)."""
+    clean = forward_flops(config, rows, length, images, patches, rows * response_len)
+    perturbed = vce_k * forward_flops(config, rows, length, images * samples if images else 0, patches,
+                                      rows * response_len)
+    flops = 2 * clean + perturbed
+    passes = 2 + vce_k
+    return Cost(flops, flops, passes * weight_bytes, _time(flops, passes * weight_bytes, chip, chips))
+
+
+def update(config: ModelConfig, chip: Chip, chips: int, *, rows: int, micro_batches: int, length: int,
+           response_len: int, images: int, patches: int, weight_bytes: float, optimizer_bytes: float) -> Cost:
+    """Forward + backward of `micro_batches` micro-batches of `rows` rows, one optimizer update.
+    `optimizer_bytes`: this chip's bytes read and written by the update (params, grads, moments)."""
+    forward = micro_batches * forward_flops(config, rows, length, images, patches, rows * response_len)
+    passes = 4 if config.remat else 3
+    bytes_ = micro_batches * passes * weight_bytes + optimizer_bytes
+    return Cost(3 * forward, passes * forward, bytes_, _time(passes * forward, bytes_, chip, chips))
