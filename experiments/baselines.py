@@ -10,6 +10,8 @@ rlcr_vlm: the authors' VLM variant of RLCR. The model and data are those of cpu_
 import importlib.util
 import os
 
+import ml_collections
+
 
 def _cpu_demo():
     spec = importlib.util.spec_from_file_location("cpu_demo", os.path.join(os.path.dirname(__file__), "cpu_demo.py"))
@@ -31,5 +33,5 @@ def get_config(name: str = "rlcr"):
     c = _cpu_demo()
     c.workdir = f"outputs/baseline_{name}"
     c.rl.update(BASELINES[name])
-    c.rl.reward_weights = {}
+    c.rl.reward_weights = ml_collections.ConfigDict().lock()  # these rewards take no weights
     return c

@@ -13,7 +13,7 @@ def get_config():
     c.workdir = "outputs/cpu_demo"
     c.data.num_examples = 3000
     c.data.test_fraction = 0.1
-    c.data.scene = dict(image_size=64, max_objects=5)
+    c.data.scene.update(image_size=64, max_objects=5)
     c.data.min_pixels = 64 * 64
     c.data.max_pixels = 64 * 64
     c.data.length_buckets = (128,)  # one bucket: one compiled shape per stage

@@ -21,7 +21,7 @@ def get_config():
     c.model.param_dtype = "bfloat16"
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.data.kind = "records"
     c.data.train_files = tuple(f for f in os.environ.get("VLCAL_TRAIN_FILES", "").split(",") if f)
     c.data.image_dir = os.environ.get("VLCAL_IMAGE_DIR", "")
