@@ -261,6 +261,21 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
     return summary
 
 
+def parse_flags(argv):
+    """absl flag parsing, with a `--config.` override of a key the config does not have reported
+    as that override (its full path and the config's suggestion), not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except AttributeError as e:  # ml_collections: a locked ConfigDict refuses an unknown key
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        leaf = message.split("'")[1] if message.count("'") >= 2 else ""
+        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [o for o in overrides if o.rsplit(".", 1)[-1] == leaf] or overrides
+        key = named[0][len("config."):] if named else "?"
+        raise SystemExit(f"FATAL --config.{key}: the config has no key {key!r} ({message}). Overrides can "
+                         "only set keys the config file defines; see experiments/*.py and vlcal_jax/configs.py.")
+
+
 def main(argv):
     del argv
     if _CONFIG.value is None:
@@ -269,4 +284,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
