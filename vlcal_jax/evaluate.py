@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> evaluation.EvalResult:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax._src").setLevel(logging.WARNING)  # not "Unable to initialize backend 'tpu'" on CPU
     try:
         main()
     except (FileNotFoundError, ValueError) as error:
