@@ -49,11 +49,11 @@ def _search(setup: programs.Setup, sizes: programs.Sizes, live: dict, hbm: int, 
             seen[prompts] = memory.measure(setup, dataclasses.replace(sizes, rollout_batch=prompts), "sampler")
             return seen[prompts].total
 
-        options = memory.candidates(sizes.prompts, 1, sizes.samples, shards, sizes.rollout_batch)
+        options = memory.candidates(sizes.prompts, 1, 1, shards, sizes.rollout_batch)
         chunk = memory.largest_fitting(sizes.rollout_batch, live["sampler"].total, options, sampler_bytes, hbm,
                                        compiles)
         if seen:
-            best["sampler"] = seen[chunk if chunk is not None else min(seen)]
+            best["sampler"] = seen[chunk if chunk is not None else min(seen, key=lambda s: seen[s].total)]
     if not (memory.fits(live["score"], hbm) and memory.fits(live["update"], hbm)):
         seen = {}
 
@@ -69,7 +69,10 @@ def _search(setup: programs.Setup, sizes: programs.Sizes, live: dict, hbm: int, 
         start = max(live["score"].total, live["update"].total)
         rows = memory.largest_fitting(sizes.micro_batch, start, options, micro_bytes, hbm, compiles)
         if seen:
-            best.update(seen[rows if rows is not None else min(seen)])
+            shown = rows if rows is not None else min(seen, key=lambda s: max(x.total for x in seen[s].values()))
+            if "update" not in seen[shown]:  # skipped when scoring alone did not fit; shown all the same
+                seen[shown]["update"] = memory.measure(setup, dataclasses.replace(sizes, micro_batch=shown), "update")
+            best.update(seen[shown])
     return chunk, rows, best
 
 
@@ -116,7 +119,7 @@ def fit(config, name: str, compiles: int) -> dict:
         print(f"DOES NOT FIT {tpu.name} as configured; these fit: --config.rl.micro_batch_size={rows} "
               f"--config.rl.rollout_batch_size={chunk}\n", flush=True)
         return record
-    parts = [f"no rl.{flag} tried down to {size} fits" for flag, size, ok in (
+    parts = [f"no rl.{flag} tried fits (the best, {size}, is shown)" for flag, size, ok in (
         ("rollout_batch_size", tried.rollout_batch, chunk), ("micro_batch_size", tried.micro_batch, rows)) if not ok]
     print(f"DOES NOT FIT {tpu.name}: {'; '.join(parts)} ({compiles} compiles per program searched)\n", flush=True)
     return record

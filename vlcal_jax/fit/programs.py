@@ -2,8 +2,9 @@
 
 Nothing is allocated: parameters, optimizer state and batches are `jax.ShapeDtypeStruct`s with
 the shardings the run gives them (parameters by `parallel.param_shardings`, optimizer moments
-like their parameters, rows over ("data", "fsdp") by `rl.step.batch_shardings`), and each
-program is the function the run calls with the static arguments it passes:
+like their parameters, the update's rows over ("data", "fsdp") by `rl.step.batch_shardings`;
+the sampler's and scoring's inputs are host arrays in the run, so XLA lays them out here too),
+and each program is the function the run calls with the static arguments it passes:
     sampler  sampling.generate_from_inputs on one rollout chunk (rl_iteration's call)
     score    rl.step.score on one micro-batch of responses
     update   the train step make_train_step compiles, over the whole batch in micro-batches
@@ -140,7 +141,8 @@ class Setup:
 
     def inputs(self, rows: int, length: int, images: int, patches: int) -> models.ModelInputs:
         """ModelInputs of `rows` x `length` tokens and `images` padded images (see its docstring
-        and vision.VisionInputs for the layout), rows sharded over the batch axes."""
+        and vision.VisionInputs for the layout), without shardings: the run passes them to the
+        sampler and to scoring as host arrays (training.rollouts), whose layout XLA chooses."""
         vis = None
         if images:
             dim = self.config.vision.patch_dim
@@ -150,9 +152,8 @@ class Setup:
                                       _struct((images, patches, 4), jnp.float32),
                                       _struct((images, patches), jnp.bool_))
         tokens = _struct((rows, length), jnp.int32)
-        inputs = models.ModelInputs(tokens, tokens, _struct((3, rows, length), jnp.int32), _struct((rows,), jnp.int32),
-                                    tokens, vis)
-        return _sharded(inputs, step.batch_shardings(inputs, self.mesh))
+        return models.ModelInputs(tokens, tokens, _struct((3, rows, length), jnp.int32), _struct((rows,), jnp.int32),
+                                  tokens, vis)
 
     def kv_cache_bytes(self, sizes: Sizes) -> int:
         """This chip's KV cache in one generate call: [L, rows, KV, Tp + M, hd] keys and values in
@@ -217,7 +218,7 @@ def update_batch(setup: Setup, sizes: Sizes) -> step.RLBatch:
     lead = () if flat else (k,)
     images = rows // sizes.samples * sizes.images_per_prompt
     inputs = setup.inputs(rows, sizes.prompt_len + sizes.response_len, images, sizes.patches)
-    inputs = jax.tree.map(lambda x: _struct(lead + x.shape, x.dtype), inputs)
+    inputs = jax.tree.map(lambda x: _struct(lead + x.shape, x.dtype), inputs)  # sharded below, as the step does
     per_token = _struct(lead + (rows, sizes.response_len), jnp.float32)
     batch = step.RLBatch(inputs, per_token, per_token, _struct(lead + (rows,), jnp.float32), per_token, per_token,
                          per_token, per_token, per_token, per_token)

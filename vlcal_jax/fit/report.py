@@ -106,7 +106,7 @@ def time_table(setup: Setup, sizes: Sizes, tpu: Slice) -> str:
     record = time_record(setup, sizes, tpu)
     labels = {"sampler": f"sampler ({sizes.rollout_batch} prompts)", "score": f"score ({sizes.micro_batch} rows)",
               "update": f"update ({sizes.micro_batches} x {sizes.micro_batch} rows)"}
-    out = [f"{'time (roofline, analytic FLOPs)':<32}{'calls':>7}{'PFLOP/call':>12}{'s/call':>10}{'s/step':>10}"
+    out = [f"{'roofline: time >=, MFU <=':<32}{'calls':>7}{'PFLOP/call':>12}{'s/call':>10}{'s/step':>10}"
            f"{'MFU':>7}"]
     for name in PROGRAMS:
         r = record[name]
