@@ -33,6 +33,8 @@ log = logging.getLogger("vlcal_jax.fit")
 
 _TOPOLOGY = flags.DEFINE_list("topology", None, "TPU slices to compile for, e.g. v4-8 or v4-8,v5e-16")
 _JSON = flags.DEFINE_string("json", "", "also write the tables to this file (bytes per chip, FLOPs, seconds)")
+_SHARD_INPUTS = flags.DEFINE_bool("shard_inputs", False, "compile the sampler and scoring with their inputs' rows "
+                                  "split over the batch axes (the run passes host arrays, laid out by XLA)")
 _COMPILES = flags.DEFINE_integer("search_compiles", 3, "when a size does not fit: compiles spent per program on "
                                                        "finding the largest one that does")
 
@@ -84,10 +86,11 @@ def fit(config, name: str, compiles: int) -> dict:
     sizes = plan.sizes(config, model.config)
     setup = programs.Setup(model.config, train.rl_config(config, model.config.image_processor), mesh,
                            config.model.param_dtype, eos_token_ids=model.eos_token_ids,
-                           pad_token_id=model.pad_token_id)
+                           pad_token_id=model.pad_token_id, shard_inputs=_SHARD_INPUTS.value)
     hbm, gib = tpu.chip.hbm_bytes, topology.GIB
     live = {p: memory.measure(setup, sizes, p) for p in report.PROGRAMS}
     record = {"topology": tpu.name, "chips": tpu.num_chips, "hbm_bytes": hbm, "model": model.source,
+              "shard_inputs": setup.shard_inputs,
               "param_dtype": config.model.param_dtype, "compute_dtype": model.config.dtype,
               "mesh": dict(mesh.shape), "sizes": dataclasses.asdict(sizes), "memory": report.memory_record(live),
               "time": report.time_record(setup, sizes, tpu), "fits": False, "fitting_sizes": None}
@@ -108,9 +111,10 @@ def fit(config, name: str, compiles: int) -> dict:
     chunk, rows, best = _search(setup, sizes, live, hbm, compiles)
     tried = dataclasses.replace(sizes, rollout_batch=best["sampler"].sizes.rollout_batch,
                                 micro_batch=best["score"].sizes.micro_batch)
-    print(f"\n{'largest sizes found that fit' if chunk and rows else 'sizes tried'} ({tpu.name}):")
-    print(report.header(tpu, setup, model.source, config.model.param_dtype, tried).splitlines()[-1])
-    print(report.memory_table(best, hbm))
+    if chunk and rows or tried != sizes:
+        print(f"\n{'largest sizes found that fit' if chunk and rows else 'best sizes tried'} ({tpu.name}):")
+        print(report.header(tpu, setup, model.source, config.model.param_dtype, tried).splitlines()[-1])
+        print(report.memory_table(best, hbm))
     if chunk and rows:
         found = dataclasses.replace(sizes, rollout_batch=chunk, micro_batch=rows)
         record["fitting_sizes"] = {"sizes": dataclasses.asdict(found), "memory": report.memory_record(best),
@@ -119,7 +123,7 @@ def fit(config, name: str, compiles: int) -> dict:
         print(f"DOES NOT FIT {tpu.name} as configured; these fit: --config.rl.micro_batch_size={rows} "
               f"--config.rl.rollout_batch_size={chunk}\n", flush=True)
         return record
-    parts = [f"no rl.{flag} tried fits (the best, {size}, is shown)" for flag, size, ok in (
+    parts = [f"no rl.{flag} tried fits (best: {size})" for flag, size, ok in (
         ("rollout_batch_size", tried.rollout_batch, chunk), ("micro_batch_size", tried.micro_batch, rows)) if not ok]
     print(f"DOES NOT FIT {tpu.name}: {'; '.join(parts)} ({compiles} compiles per program searched)\n", flush=True)
     return record

@@ -43,9 +43,9 @@ class Cost:
 
 def text_token_flops(config: ModelConfig, context: float) -> float:
     t = config.text
-    d, hd = t.hidden_size, t.head_dim
-    matmuls = 2 * (2 * d * t.num_attention_heads * hd + 2 * d * t.num_key_value_heads * hd + 3 * d * t.intermediate_size)
-    return t.num_hidden_layers * (matmuls + 4 * context * t.num_attention_heads * hd)
+    d, q, kv = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    matmuls = 2 * (2 * d * q + 2 * d * kv + 3 * d * t.intermediate_size)
+    return t.num_hidden_layers * (matmuls + 4 * context * q)
 
 
 def head_token_flops(config: ModelConfig) -> float:

@@ -59,15 +59,18 @@ class Live:
 
     @property
     def other_io(self) -> int:
-        """Inputs and outputs besides the resident state (batch, tokens, metrics)."""
+        """Inputs and outputs besides the resident state (batch, tokens, metrics); of a program XLA
+        refused, the part known without it (the update's batch)."""
         c = self.compiled
+        if not c.ok:
+            return c.batch_bytes
         return c.argument_bytes + c.output_bytes - c.alias_bytes - self.resident.in_arguments(self.program)
 
     @property
     def total(self) -> float:
         resident = self.resident.total(self.program)
         if not self.compiled.ok:
-            return resident + programs.refused_bytes(self.compiled.error)
+            return resident + self.other_io + programs.refused_bytes(self.compiled.error)
         return resident + self.other_io + self.compiled.temp_bytes + self.compiled.code_bytes
 
 

@@ -65,7 +65,9 @@ class Sizes:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """What XLA reports for one compiled program (bytes per chip), or why it refused it."""
+    """What XLA reports for one compiled program (bytes per chip), or why it refused it;
+    `batch_bytes`: this chip's share of the batch argument where its sharding is fixed (the
+    update's), known even when XLA refuses the program."""
 
     name: str
     argument_bytes: int = 0
@@ -74,6 +76,7 @@ class Compiled:
     temp_bytes: int = 0
     code_bytes: int = 0
     error: str = ""
+    batch_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -112,8 +115,9 @@ class Setup:
     rollouts and scoring read (train.rl_iteration's model_setup.compute_params; the masters
     themselves when the dtypes agree)."""
 
-    def __init__(self, config: ModelConfig, rl: step.RLConfig, mesh, param_dtype, *, eos_token_ids, pad_token_id):
-        self.config, self.rl, self.mesh = config, rl, mesh
+    def __init__(self, config: ModelConfig, rl: step.RLConfig, mesh, param_dtype, *, eos_token_ids, pad_token_id,
+                 shard_inputs: bool = False):
+        self.config, self.rl, self.mesh, self.shard_inputs = config, rl, mesh, shard_inputs
         self.eos_token_ids, self.pad_token_id = tuple(eos_token_ids), int(pad_token_id)
         abstract = jax.eval_shape(functools.partial(models.init_params, config, dtype=jnp.dtype(param_dtype)),
                                   jax.random.key(0))
@@ -141,8 +145,7 @@ class Setup:
 
     def inputs(self, rows: int, length: int, images: int, patches: int) -> models.ModelInputs:
         """ModelInputs of `rows` x `length` tokens and `images` padded images (see its docstring
-        and vision.VisionInputs for the layout), without shardings: the run passes them to the
-        sampler and to scoring as host arrays (training.rollouts), whose layout XLA chooses."""
+        and vision.VisionInputs for the layout), without shardings."""
         vis = None
         if images:
             dim = self.config.vision.patch_dim
@@ -155,6 +158,12 @@ class Setup:
         return models.ModelInputs(tokens, tokens, _struct((3, rows, length), jnp.int32), _struct((rows,), jnp.int32),
                                   tokens, vis)
 
+    def program_inputs(self, rows: int, length: int, images: int, patches: int) -> models.ModelInputs:
+        """`inputs` for the sampler and scoring: as the run passes them, host arrays whose layout
+        XLA chooses; with `shard_inputs`, rows over the batch axes (sampling.shard_inputs' layout)."""
+        inputs = self.inputs(rows, length, images, patches)
+        return _sharded(inputs, step.batch_shardings(inputs, self.mesh)) if self.shard_inputs else inputs
+
     def kv_cache_bytes(self, sizes: Sizes) -> int:
         """This chip's KV cache in one generate call: [L, rows, KV, Tp + M, hd] keys and values in
         the compute dtype, split over the batch axes when the rows divide them."""
@@ -165,7 +174,7 @@ class Setup:
         return total // self.batch_shards if rows % self.batch_shards == 0 else total
 
 
-def _compile(name: str, lowered_fn) -> Compiled:
+def _compile(name: str, lowered_fn, batch_bytes: int = 0) -> Compiled:
     """Lowers and compiles; XLA's refusal to fit a program in HBM comes back as `error`."""
     try:
         memory = lowered_fn().compile().memory_analysis()
@@ -173,9 +182,9 @@ def _compile(name: str, lowered_fn) -> Compiled:
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
             raise
-        return Compiled(name, error=text.strip().splitlines()[0][:400])
+        return Compiled(name, error=text.strip().splitlines()[0][:400], batch_bytes=batch_bytes)
     return Compiled(name, memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
-                    memory.temp_size_in_bytes, memory.generated_code_size_in_bytes)
+                    memory.temp_size_in_bytes, memory.generated_code_size_in_bytes, batch_bytes=batch_bytes)
 
 
 def refused_bytes(error: str) -> float:
@@ -190,7 +199,7 @@ def refused_bytes(error: str) -> float:
 
 def sampler(setup: Setup, sizes: Sizes) -> Compiled:
     prompts = sizes.rollout_batch
-    inputs = setup.inputs(prompts, sizes.prompt_len, prompts * sizes.images_per_prompt, sizes.patches)
+    inputs = setup.program_inputs(prompts, sizes.prompt_len, prompts * sizes.images_per_prompt, sizes.patches)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.replicated)
     return _compile("sampler", lambda: sampling.generate_from_inputs.lower(
         setup.config, setup.policy, inputs, setup.rng, scalar, scalar, max_new_tokens=sizes.response_len,
@@ -200,7 +209,7 @@ def sampler(setup: Setup, sizes: Sizes) -> Compiled:
 
 def _response_inputs(setup: Setup, sizes: Sizes, rows: int) -> models.ModelInputs:
     images = rows // sizes.samples * sizes.images_per_prompt
-    return setup.inputs(rows, sizes.prompt_len + sizes.response_len, images, sizes.patches)
+    return setup.program_inputs(rows, sizes.prompt_len + sizes.response_len, images, sizes.patches)
 
 
 def score(setup: Setup, sizes: Sizes) -> Compiled:
@@ -239,7 +248,7 @@ def update(setup: Setup, sizes: Sizes) -> Compiled:
         jitted = jax.jit(functools.partial(step._step, setup.config, rl, setup.optimizer), donate_argnums=0,
                          in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, batch), setup.replicated),
                          out_shardings=(state_shardings, setup.replicated))
-    return _compile("update", lambda: jitted.lower(setup.state, batch, setup.rng))
+    return _compile("update", lambda: jitted.lower(setup.state, batch, setup.rng), shard_bytes(batch))
 
 
 PROGRAMS = {"sampler": sampler, "score": score, "update": update}

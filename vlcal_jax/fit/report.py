@@ -24,7 +24,8 @@ def header(tpu: Slice, setup: Setup, source: str, param_dtype: str, sizes: Sizes
         f"{tpu.chip.hbm_bytes / GIB:.0f} GiB HBM, {tpu.chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
         f"{tpu.chip.hbm_bandwidth / 1e12:.2f} TB/s per chip",
         f"model: {source}, {count / 1e9:.2f}B parameters in {param_dtype}, compute {c.dtype}, "
-        f"remat {'on' if c.remat else 'off'}; mesh {dict(mesh.shape)}",
+        f"remat {'on' if c.remat else 'off'}; mesh {dict(mesh.shape)}; sampler and score inputs "
+        f"{'split over the batch axes' if setup.shard_inputs else 'host arrays (laid out by XLA)'}",
         f"step: {sizes.prompts} prompts x {sizes.samples} samples = {sizes.rows} responses of {sizes.prompt_len} prompt"
         f" + {sizes.response_len} response tokens, {sizes.images_per_prompt} image(s) of {sizes.patches} patches"
         f" per prompt",
@@ -39,7 +40,7 @@ def memory_table(live: dict[str, Live], hbm: int) -> str:
     rows = [("master parameters", lambda x: x.resident.params), ("optimizer state", lambda x: x.resident.optimizer),
             ("reference model", lambda x: x.resident.reference),
             ("policy in compute dtype", lambda x: x.resident.policy_during(x.program)),
-            ("batch, inputs, outputs", lambda x: x.other_io if x.compiled.ok else None),
+            ("batch, inputs, outputs", lambda x: x.other_io if x.compiled.ok or x.other_io else None),
             ("temporaries", lambda x: x.compiled.temp_bytes if x.compiled.ok else None),
             ("  of which KV cache", lambda x: x.kv_cache if x.program == "sampler" else None),
             ("program code", lambda x: x.compiled.code_bytes if x.compiled.ok else None),
@@ -82,7 +83,8 @@ def memory_record(live: dict[str, Live]) -> dict:
     """The memory table as bytes per chip: program -> row -> bytes (None where not known)."""
     return {name: {"parameters": x.resident.params, "optimizer_state": x.resident.optimizer,
                    "reference_model": x.resident.reference,
-                   "policy_copy": x.resident.policy_during(x.program), "other_io": x.other_io if x.compiled.ok else None,
+                   "policy_copy": x.resident.policy_during(x.program),
+                   "other_io": x.other_io if x.compiled.ok or x.other_io else None,
                    "temporaries": x.compiled.temp_bytes if x.compiled.ok else None, "kv_cache": x.kv_cache,
                    "code": x.compiled.code_bytes if x.compiled.ok else None, "total": x.total,
                    "refused": x.compiled.error or None} for name, x in live.items()}
