@@ -15,9 +15,11 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason='libtpu is not installed: pip install -e ".[fit]" (vlcal_jax.fit compiles '
-                                       "for TPU with it)")
+from vlcal_jax.fit import memory
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='libtpu is not installed: pip install -e ".[fit]" (vlcal_jax.fit compiles '
+                                         "for TPU with it)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", os.path.join(ROOT, "experiments", "cpu_demo.py"),
@@ -49,6 +51,7 @@ def _param_count(tiny_init) -> int:
     return tiny_init.vocab_size * d + layer + d + vision  # tied head
 
 
+@needs_libtpu
 def test_tiny_config_fits_v4_8_and_v5e_8(tmp_path):
     from vlcal_jax.configs import default_config
 
@@ -85,6 +88,7 @@ def test_tiny_config_fits_v4_8_and_v5e_8(tmp_path):
         assert row in proc.stdout
 
 
+@needs_libtpu
 def test_too_large_a_micro_batch_exits_1_naming_one_that_fits(tmp_path):
     # 256 responses in one pass with a 2^20-token vocabulary: the [rows, chunk, V] float32 logits
     # of scoring and of the update need more than a v5e chip's 16 GiB
@@ -100,3 +104,33 @@ def test_too_large_a_micro_batch_exits_1_naming_one_that_fits(tmp_path):
     assert f"--config.rl.micro_batch_size={rows}" in proc.stdout
     assert all(m["refused"] is None and m["total"] <= record["hbm_bytes"] for m in fitting["memory"].values())
     assert fitting["time"]["score"]["calls"] == 256 // rows
+
+
+def test_micro_batch_candidates_hold_whole_groups_and_split_over_the_chips():
+    # 2048 rows of groups of 8 on 16 chips: multiples of 16 that divide 2048, below 512
+    assert memory.candidates(2048, 8, 1, 16, 512) == [256, 128, 64, 32, 16]
+    # 6 prompts on 4 chips: no count below 6 splits evenly, so all divisors are candidates
+    assert memory.candidates(6, 1, 1, 4, 6) == [3, 2, 1]
+
+
+@pytest.mark.parametrize("fixed, per_row, limit, expected", [(10, 2, 50, 16), (10, 2, 43, 16), (10, 2, 41, 8),
+                                                              (10, 2, 270, 128), (10, 2, 20, None)])
+def test_largest_fitting_finds_the_largest_size_under_the_limit(fixed, per_row, limit, expected):
+    options = [128, 64, 32, 16, 8]
+    measured = []
+
+    def measure(size):
+        measured.append(size)
+        return fixed + per_row * size
+
+    found = memory.largest_fitting(256, fixed + per_row * 256, options, measure, limit, compiles=4)
+    assert found == expected, measured
+    brute = max((s for s in options if fixed + per_row * s <= limit), default=None)
+    assert found == brute
+    assert len(measured) <= 3 and found in (None, *measured)
+
+
+def test_largest_fitting_halves_when_xla_gives_no_size():
+    refused = float("inf")
+    found = memory.largest_fitting(256, refused, [128, 64, 32, 16, 8], lambda s: refused if s > 16 else s, 100, 4)
+    assert found == 16

@@ -9,7 +9,8 @@ chunk), scoring (one micro-batch) and the update are compiled ahead of time for 
 devices with the run's shapes and shardings (libtpu, no TPU and no weights needed), and it
 prints what is live per chip during each program against HBM, then a roofline time per
 program and per RL step with its MFU. Exit status 1 when something does not fit; the message
-names the largest rl.micro_batch_size and rl.rollout_batch_size that do.
+names the largest rl.micro_batch_size and rl.rollout_batch_size found to fit (a few more
+compiles per program, --search_compiles; refusals come back in seconds, fits in minutes).
 """
 
 from __future__ import annotations

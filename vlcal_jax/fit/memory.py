@@ -99,22 +99,25 @@ def candidates(total: int, multiple: int, rows_per_unit: int, shards: int, below
 def largest_fitting(start: int, start_bytes: float, options: list[int], measure_bytes: Callable[[int], float],
                     limit: int, compiles: int) -> int | None:
     """The largest of `options` (sizes below `start`, which does not fit) whose bytes fit in
-    `limit`, in at most `compiles` measurements: halve until one fits, then predict from the
-    two largest measured sizes (bytes are close to linear in the size) and check the prediction."""
+    `limit`, in at most `compiles` measurements: halve until a size fits, predicting instead,
+    once two sizes are measured, from the line through the two nearest the limit (bytes are
+    close to linear in the size), and check each prediction by measuring it."""
     seen = {start: start_bytes}
     best, smallest_failing = None, start
     for _ in range(compiles):
         pool = [s for s in options if s < smallest_failing and (best is None or s > best)]
         if not pool:
             break
-        finite = sorted((s, b) for s, b in seen.items() if b != float("inf"))
         guess = next((s for s in pool if s <= smallest_failing // 2), pool[-1])
-        if len(finite) >= 2:
-            (s1, b1), (s2, b2) = finite[-2:]
-            slope = (b2 - b1) / (s2 - s1)
-            if slope > 0:
-                predicted = s1 + (limit - b1) / slope
-                guess = next((s for s in pool if s <= predicted), pool[-1])
+        finite = sorted(s for s, b in seen.items() if b != float("inf"))
+        # the bracket when one size fits, else the two smallest (all fail; nearest the limit)
+        pair = [best, smallest_failing] if best is not None and smallest_failing in finite else finite[:2]
+        if len(pair) == 2 and seen[pair[1]] > seen[pair[0]]:
+            (s1, b1), (s2, b2) = ((s, seen[s]) for s in pair)
+            predicted = s1 + (limit - b1) * (s2 - s1) / (b2 - b1)
+            if best is not None and predicted < pool[-1]:
+                break  # the line says nothing larger than `best` fits
+            guess = next((s for s in pool if s <= predicted), pool[-1])
         seen[guess] = measure_bytes(guess)
         if seen[guess] <= limit:
             best = guess
