@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlcal_jax import models  # noqa: E402
-from vlcal_jax.models import layers, qwen3_vl  # noqa: E402
+from vlcal_jax.models import attention, qwen3_vl  # noqa: E402
 from vlcal_jax.rl import grpo, rollout, step  # noqa: E402
 
 from bench_sampler import hf_config  # noqa: E402  (the same mid-size config as the sampler benchmark)
@@ -82,9 +82,9 @@ def matmul():
 
 
 def causal_pairs(length: int) -> int:
-    """Query-key pairs per head that `layers.causal_attention` computes (the blocks on and below
-    the diagonal; the text decoder's self-attention runs in `layers.causal_blocks(length)` blocks)."""
-    blocks = layers.causal_blocks(length)
+    """Query-key pairs per head that `attention.causal_attention` computes (the blocks on and below
+    the diagonal; the text decoder's self-attention runs in `attention.causal_blocks(length)` blocks)."""
+    blocks = attention.causal_blocks(length)
     bounds = [length * i // blocks for i in range(blocks + 1)]
     return sum((hi - lo) * hi for lo, hi in zip(bounds[:-1], bounds[1:]))
 
@@ -111,8 +111,8 @@ def attention_grad(config: models.ModelConfig, rows: int, length: int):
     q = jax.random.normal(keys[0], (rows, length, t.num_attention_heads, t.head_dim))
     k = jax.random.normal(keys[1], (rows, t.num_key_value_heads, length, t.head_dim))
     v = jax.random.normal(keys[2], k.shape)
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (rows, length, length))
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(layers.causal_attention(q, k, v, mask, t.head_dim**-0.5, layers.causal_blocks(length)) ** 2),
+    valid = jnp.ones((rows, length), bool)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention.attention(q, k, v, t.head_dim**-0.5, valid, causal=True) ** 2),
                             argnums=(0, 1, 2)))
     return lambda: jax.block_until_ready(grad(q, k, v))
 
@@ -180,9 +180,9 @@ def report_a(config, best, losses, tokens, peak):
           f"({best['hf_forward'] / best['ours_forward']:.2f}x); backward (difference): ours "
           f"{backward['ours'] * 1e3:.0f} ms, HF {backward['hf'] * 1e3:.0f} ms "
           f"({backward['hf'] / backward['ours']:.2f}x)")
-    attention = config.text.num_hidden_layers * best["attention"]
+    attention_secs = config.text.num_hidden_layers * best["attention"]
     print(f"    causal self-attention forward+backward alone x {config.text.num_hidden_layers} layers: "
-          f"{attention * 1e3:.0f} ms = {100 * attention / best['ours']:.0f}% of ours")
+          f"{attention_secs * 1e3:.0f} ms = {100 * attention_secs / best['ours']:.0f}% of ours")
     if ratio < 1.5:
         need = 1.5 * flops / best["hf"] / peak
         print(f"    limit: 1.5x HF here means {need:.2f} of the matmul peak sustained over the whole forward + "
@@ -260,10 +260,10 @@ def report_bc(config, args, best, shape, peak):
     print(f"    (not counted: {head_flops / 3 / 1e9:.1f} GFLOP of LM-head recompute from the logits remat; XLA "
           f"cost_analysis says {xla_flops / 1e9:.1f} GFLOP because it counts each scan body once)")
     print(f"    MFU {mfu:.2f} of the matmul peak (target >= 0.5: {'met' if mfu >= 0.5 else 'MISSED'})")
-    attention = t.num_hidden_layers * best["attention"]
-    rest = seconds - attention - best["head"]
+    attention_secs = t.num_hidden_layers * best["attention"]
+    rest = seconds - attention_secs - best["head"]
     rest_flops = model_flops - attention_flops - head_flops
-    for name, secs, flops in (("causal self-attention fwd+bwd x 8 layers", attention, attention_flops),
+    for name, secs, flops in (("causal self-attention fwd+bwd x 8 layers", attention_secs, attention_flops),
                               (f"LM head + log-softmax fwd+bwd (token_logprobs, chunk {chunk})", best["head"],
                                head_flops),
                               ("everything else (projections, MLP, vision, norms, AdamW)", rest, rest_flops)):

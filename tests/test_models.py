@@ -11,7 +11,7 @@ import pytest
 
 import hf_utils as H
 from vlcal_jax import models
-from vlcal_jax.models import qwen3_vl
+from vlcal_jax.models import attention, qwen3_vl
 
 CONFIGS = {
     # untied, GQA 4:1, DeepStack on the first two ViT blocks
@@ -40,7 +40,25 @@ def hf_checkpoint(request, tmp_path_factory):
     return model, path
 
 
-def test_logits_match_hf_with_images_padding_and_text_rows(hf_checkpoint):
+@pytest.fixture(params=["dense", "blockwise"])
+def attention_kernel(request):
+    """Both attention kernels: "blockwise" sends every attention (vision tower, text decoder)
+    through the flash-style tiles, 8 x 8, which these short rows and small images span several of.
+    The module constants are read at trace time, so jax's caches are cleared around it."""
+    if request.param == "dense":
+        yield request.param
+        return
+    saved = attention.DENSE_MAX_SCORES, attention.BLOCK
+    attention.DENSE_MAX_SCORES, attention.BLOCK = 0, 8
+    jax.clear_caches()
+    try:
+        yield request.param
+    finally:
+        attention.DENSE_MAX_SCORES, attention.BLOCK = saved
+        jax.clear_caches()
+
+
+def test_logits_match_hf_with_images_padding_and_text_rows(hf_checkpoint, attention_kernel):
     model, path = hf_checkpoint
     config, params = models.from_pretrained(path)
     rng = np.random.default_rng(1)
@@ -52,7 +70,7 @@ def test_logits_match_hf_with_images_padding_and_text_rows(hf_checkpoint):
     assert_close_to_hf(models.forward(config, params, ids, mask, pv, grid), ref, mask)
 
 
-def test_text_only_batch_matches_hf(hf_checkpoint):
+def test_text_only_batch_matches_hf(hf_checkpoint, attention_kernel):
     model, path = hf_checkpoint
     config, params = models.from_pretrained(path)
     ids = np.random.default_rng(2).integers(1, 300, size=(2, 9))

@@ -61,13 +61,6 @@ def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_va
     return ModelInputs(input_ids, mask, positions, next_position, image_index, vis)
 
 
-def causal_mask(attention_mask):
-    """bool [B, T, T]: key j visible to query i when j <= i and key j is not padding."""
-    length = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return causal[None] & (attention_mask[:, None, :] > 0)
-
-
 def encode_images(config: ModelConfig, params, vis: vision.VisionInputs):
     """Vision tower: (image_embeds [I * P/m^2, D], deepstack [n_ds, I * P/m^2, D])."""
     return vision.vision_tower(config.vision, params["visual"], vis, config.compute_dtype, config.remat)
@@ -82,8 +75,7 @@ def apply(config: ModelConfig, params, inputs: ModelInputs, *, return_hidden: bo
         image_embeds, deepstack = encode_images(config, params, inputs.vision)
     x, slots = text.embed_tokens(config, params, inputs.input_ids, inputs.image_index, image_embeds)
     cos, sin = text.mrope_cos_sin(inputs.position_ids, config.text)
-    mask = causal_mask(inputs.attention_mask)
-    hidden, kv = text.decoder(config, params, x, cos, sin, mask, image_slots=slots,
+    hidden, kv = text.decoder(config, params, x, cos, sin, inputs.attention_mask > 0, image_slots=slots,
                               deepstack=deepstack, return_kv=return_kv)
     out = hidden if return_hidden else logits_from_hidden(config, params, hidden)
     return (out, kv) if return_kv else out

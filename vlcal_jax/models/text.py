@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlcal_jax.models import layers
+from vlcal_jax.models import attention, layers
 from vlcal_jax.models.config import ModelConfig, TextConfig
 
 
@@ -44,8 +44,8 @@ def mrope_cos_sin(position_ids, config: TextConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index=None, layer=None):
-    """One layer. x [B, T, D]; mask bool [B, T, S].
+def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_index=None, layer=None):
+    """One layer. x [B, T, D]; key_valid bool [B, S] (False: a padding key, or a cache slot not yet written).
 
     Without `kv`: causal self-attention over this call's own tokens (S == T); returns
     (x, (k, v)) with k/v head-major [B, KV, T, hd].
@@ -53,6 +53,7 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
     and `write_index`: this call's k/v are written at [layer, :, :, write_index], attention runs
     over layer `layer`'s cache, and the updated stacks are returned, so a decode step writes T
     positions of the cache instead of copying every layer's cache in and out of the layer scan.
+    Every valid key is visible to every query of the call (decoding calls it with T = 1).
     """
     batch, length, _ = x.shape
     hd = config.head_dim
@@ -71,10 +72,10 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, mask, kv=None, write_index
         k_all = jax.lax.dynamic_index_in_dim(k_stack, layer, keepdims=False).astype(q.dtype)
         v_all = jax.lax.dynamic_index_in_dim(v_stack, layer, keepdims=False).astype(q.dtype)
         new_kv = (k_stack, v_stack)
-        out = layers.attention(q, k_all, v_all, mask, hd**-0.5)
-    else:  # self-attention under the causal mask: skip the key blocks above the diagonal
+        out = attention.attention(q, k_all, v_all, hd**-0.5, key_valid, causal=False)
+    else:
         new_kv = (k, v)
-        out = layers.causal_attention(q, k, v, mask, hd**-0.5, layers.causal_blocks(length))
+        out = attention.attention(q, k, v, hd**-0.5, key_valid, causal=True)
     out = out.reshape(batch, length, -1)
     x = x + layers.linear(out, attn["o_proj"]["kernel"], attn["o_proj"].get("bias"))
     h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)
@@ -105,9 +106,10 @@ def lm_head_kernel(config: ModelConfig, params):
     return params["lm_head"]["kernel"]
 
 
-def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None, deepstack=None,
+def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=None, deepstack=None,
             cache: KVCache | None = None, write_index=None, return_kv: bool = False):
-    """Runs all layers (scan) and the final norm. x [B, T, D] -> (hidden [B, T, D], kv or None).
+    """Runs all layers (scan) and the final norm. x [B, T, D] -> (hidden [B, T, D], kv or None);
+    key_valid bool [B, S]: the attention mask of the tokens (S == T), or of the cache.
 
     DeepStack: after layer i < n_ds, deepstack[i] is added at the image positions
     (`image_slots` = (is_image [B, T], index [B, T]) from `embed_tokens`).
@@ -127,7 +129,7 @@ def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None,
         def cached_body(carry, xs):
             h, k_stack, v_stack = carry
             p, i = xs
-            h, (k_stack, v_stack) = decoder_layer(tc, p, h, cos, sin, mask, (k_stack, v_stack), write_index, layer=i)
+            h, (k_stack, v_stack) = decoder_layer(tc, p, h, cos, sin, key_valid, (k_stack, v_stack), write_index, layer=i)
             return (add_deepstack(h, i), k_stack, v_stack), None
 
         (x, k_out, v_out), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["text"]["layers"], layer_ids))
@@ -135,7 +137,7 @@ def decoder(config: ModelConfig, params, x, cos, sin, mask, *, image_slots=None,
 
     def body(h, xs):
         p, i = xs
-        h, kv = decoder_layer(tc, p, h, cos, sin, mask)
+        h, kv = decoder_layer(tc, p, h, cos, sin, key_valid)
         return add_deepstack(h, i), (kv if return_kv else None)
 
     if config.remat:

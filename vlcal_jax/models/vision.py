@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlcal_jax.models import layers
+from vlcal_jax.models import attention, layers
 from vlcal_jax.models.config import VisionConfig
 
 MIN_PATCH_BUCKET = 64
@@ -133,8 +133,8 @@ def _rotary(rope_hw, config: VisionConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def _block(config: VisionConfig, p, x, cos, sin, mask):
-    """x [I, P, Dv], mask [I, P, P]."""
+def _block(config: VisionConfig, p, x, cos, sin, patch_valid):
+    """x [I, P, Dv], patch_valid bool [I, P]: each image attends within itself, to its real patches."""
     heads, dim = config.num_heads, config.head_dim
     h = layers.layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"], config.layer_norm_eps)
     qkv = layers.linear(h, p["attn"]["qkv"]["kernel"], p["attn"]["qkv"]["bias"])
@@ -142,7 +142,7 @@ def _block(config: VisionConfig, p, x, cos, sin, mask):
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin).swapaxes(1, 2)
     v = qkv[:, :, 2].swapaxes(1, 2)
-    attn = layers.attention(q, k, v, mask, dim**-0.5)
+    attn = attention.attention(q, k, v, dim**-0.5, patch_valid, causal=False)
     x = x + layers.linear(attn.reshape(x.shape), p["attn"]["proj"]["kernel"], p["attn"]["proj"]["bias"])
     h = layers.layer_norm(x, p["norm2"]["scale"], p["norm2"]["bias"], config.layer_norm_eps)
     act = layers.activation(config.hidden_act)
@@ -175,12 +175,8 @@ def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.f
     pos = params["pos_embed"].astype(dtype)[inputs.interp_index]  # [I, P, 4, Dv]
     x = x + jnp.sum(pos * inputs.interp_weight[..., None].astype(dtype), axis=2)
     cos, sin = _rotary(inputs.rope_hw, config)
-    valid = inputs.patch_mask
-    # padded queries attend to themselves only, so no row is fully masked
-    mask = valid[:, None, :] | jnp.eye(valid.shape[1], dtype=bool)[None]
-
     def body(h, p):
-        return _block(config, p, h, cos, sin, mask), None
+        return _block(config, p, h, cos, sin, inputs.patch_mask), None
 
     if remat:
         body = jax.checkpoint(body)

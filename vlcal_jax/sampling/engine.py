@@ -141,7 +141,7 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
         x = params["text"]["embed"].astype(cache_dtype)[tokens[:, step]][:, None]
         pos = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
         cos, sin = text.mrope_cos_sin(pos, config.text)
-        hidden, (k, v) = text.decoder(config, params, x, cos, sin, valid_now[:, None, :],
+        hidden, (k, v) = text.decoder(config, params, x, cos, sin, valid_now,
                                       cache=text.KVCache(k, v, valid_now), write_index=write)
         logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, 0])
         rng, key = jax.random.split(rng)
