@@ -66,12 +66,16 @@ def _check_against_reference(q, k, v, cot, key_valid, causal, scale):
     return out, rows
 
 
-@pytest.mark.parametrize("kv_heads", [1, 4], ids=["gqa4to1", "mha"])
-def test_causal_left_padding_matches_dense(kv_heads):
+# 8 query heads on 2 kv heads: the grouping (h // 4, not h % 2) matters
+HEADS = pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)], ids=["gqa4to1", "mha"])
+
+
+@HEADS
+def test_causal_left_padding_matches_dense(heads, kv_heads):
     """Text self-attention: rows left-padded by 0, 37 and 130 (more than a 128-block) tokens,
     the last also right-padded by 20, so queries without a visible key, padding keys and whole
     padding blocks all occur; T = 256 is two blocks each way."""
-    q, k, v, cot = _inputs(0, 3, 256, 256, 4, kv_heads, 128)
+    q, k, v, cot = _inputs(0, 3, 256, 256, heads, kv_heads, 128)
     pos = np.arange(256)
     key_valid = jnp.asarray(np.stack([pos >= 0, pos >= 37, (pos >= 130) & (pos < 236)]))
     _, rows = _check_against_reference(q, k, v, cot, key_valid, causal=True, scale=128**-0.5)
@@ -79,12 +83,12 @@ def test_causal_left_padding_matches_dense(kv_heads):
     assert np.asarray(rows).sum(axis=1).tolist() == [256, 256 - 37, 256 - 130]
 
 
-@pytest.mark.parametrize("kv_heads", [1, 4], ids=["gqa4to1", "mha"])
-def test_noncausal_padded_keys_match_dense(kv_heads):
+@HEADS
+def test_noncausal_padded_keys_match_dense(heads, kv_heads):
     """Vision-like attention: head_dim 64, S = 384 keys of which 384, 200 and 129 are valid
     (padded patches at the end), and a fourth row with no valid key, which must stay finite.
     T = 256 != S checks the two lengths are not confused; scale 0.3 is not 1/sqrt(D)."""
-    q, k, v, cot = _inputs(1, 4, 256, 384, 4, kv_heads, 64)
+    q, k, v, cot = _inputs(1, 4, 256, 384, heads, kv_heads, 64)
     key_valid = jnp.asarray(np.arange(384)[None] < np.array([[384], [200], [129], [0]]))
     out, rows = _check_against_reference(q, k, v, cot, key_valid, causal=False, scale=0.3)
     assert np.asarray(rows).tolist() == [[True] * 256] * 3 + [[False] * 256]
@@ -117,6 +121,22 @@ def test_supported_and_block_choice():
         splash.attention(*_inputs(0, 1, 100, 100, 2, 1, 128)[:3], 1.0, jnp.ones((1, 100), bool), causal=True)
 
 
+def test_dispatch_off_tpu():
+    """On this CPU host "auto" keeps the pure-JAX path; "splash" forces the kernel (which then
+    runs in interpret mode); ModelConfig refuses an unknown name."""
+    from vlcal_jax.models.config import ModelConfig
+
+    text = ((2, 4096, 32, 128), (2, 8, 4096, 128))
+    assert splash.target_platform() == "cpu"
+    assert not splash.use_splash("auto", *text)
+    assert splash.use_splash("splash", *text) and not splash.use_splash("xla", *text)
+    with pytest.raises(ValueError, match="attention_impl"):
+        splash.use_splash("flash", *text)
+    assert ModelConfig().attention_impl == "auto"
+    with pytest.raises(ValueError, match="attention_impl"):
+        ModelConfig(attention_impl="flash")
+
+
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu is not installed: pip install -e ".[fit]" to compile for TPU')
 
@@ -141,8 +161,10 @@ def _aot_temp_bytes(batch, length, heads, kv_heads, head_dim, causal):
     q = arg(batch, length, heads, head_dim)
     kv = arg(batch, kv_heads, length, head_dim)
     with jax.set_mesh(mesh):
+        assert splash.target_platform() == "tpu" and splash.use_splash("auto", q.shape, kv.shape)
         compiled = jax.jit(forward_backward, out_shardings=split).lower(
             q, kv, kv, arg(batch, length, dtype=jnp.bool_), q).compile()
+    assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()  # Mosaic kernels, not interpret mode
     local_batch = batch // len(devices)
     return compiled.memory_analysis().temp_size_in_bytes, local_batch * heads * length * length * 4
 
@@ -150,8 +172,8 @@ def _aot_temp_bytes(batch, length, heads, kv_heads, head_dim, causal):
 @needs_libtpu
 def test_text_attention_compiles_for_tpu_without_dense_scores():
     """Qwen3-VL-4B text attention at 4096 tokens (H=32, KV=8, D=128, bfloat16), causal, one row
-    per device: ~70 MiB of scratch (mostly the [H, T, 128] float32 log-sum-exp residual) against
-    2 GiB of dense scores."""
+    per device: 77 MB of scratch (mostly the kernel's [H, T, 128] float32 log-sum-exp output)
+    against 2.1 GB of dense scores."""
     temp, dense = _aot_temp_bytes(8, 4096, 32, 8, 128, causal=True)
     assert temp < dense / 16, (temp, dense)
 
@@ -159,6 +181,6 @@ def test_text_attention_compiles_for_tpu_without_dense_scores():
 @needs_libtpu
 def test_vision_attention_at_4mp_compiles_for_tpu():
     """The vision tower at the paper's 4 MP limit: 16384 patches, 16 heads of dim 64, no causal
-    mask: head_dim 64 compiles; ~0.6 GB of scratch against 17 GB of dense scores."""
+    mask: head_dim 64 compiles; 0.60 GB of scratch against 17.2 GB of dense scores."""
     temp, dense = _aot_temp_bytes(8, 16384, 16, 16, 64, causal=False)
     assert temp < dense / 16, (temp, dense)

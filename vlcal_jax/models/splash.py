@@ -41,7 +41,26 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
+from vlcal_jax.models.config import ATTENTION_IMPLS
+
 LANES = 128  # TPU vector lane width: splash's block sizes must be multiples of it
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the context mesh's (`jax.set_mesh`, also inside jit and
+    for AOT topologies on a CPU host), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def use_splash(impl: str, q_shape, kv_shape, *, block_q: int = 512, block_kv: int = 512) -> bool:
+    """Whether the model's attention should call this kernel: impl "splash" always (it raises
+    on shapes it cannot take), "xla" never, "auto" when compiling for TPU and `supported`."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    if impl == "auto":
+        return target_platform() == "tpu" and supported(q_shape, kv_shape, block_q=block_q, block_kv=block_kv)
+    return impl == "splash"
 
 
 def _block(length: int, requested: int) -> int:
@@ -56,7 +75,10 @@ def supported(q_shape, kv_shape, *, block_q: int = 512, block_kv: int = 512) -> 
     """Whether splash can run q [B, T, H, D] against k/v [B, KV, S, D] at these block sizes.
 
     Needs T, S multiples of 128 (then some block <= the requested one, a multiple of 128,
-    divides each), D a multiple of 64, H % KV == 0 and requested blocks of at least 128.
+    divides each), H % KV == 0, requested blocks of at least 128, and D a multiple of 64: the
+    model's 64 (vision) and 128 (text) are the head dims checked here in interpret mode and
+    compiled for TPU v4. Splash itself pads D to 128 lanes (Mosaic compiled 32, 80, 96, 192
+    and 256 for v4 too), so this bound can be relaxed once other sizes are checked on a TPU.
     """
     batch, q_len, heads, head_dim = q_shape
     kv_batch, kv_heads, kv_len, kv_head_dim = kv_shape
@@ -65,17 +87,13 @@ def supported(q_shape, kv_shape, *, block_q: int = 512, block_kv: int = 512) -> 
             and min(block_q, block_kv) >= LANES)
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(heads: int, q_len: int, kv_len: int, causal: bool, block_q: int, block_kv: int, interpret: bool):
-    """The splash kernel for one (per-device, per-row) problem; its mask tables are built once.
+    """The splash kernel for one (per-device, per-row) problem.
 
-    They are built as concrete arrays even when first asked for inside a jit trace, where
-    jnp.array would otherwise stage them as tracers that the cache would leak."""
-    with jax.ensure_compile_time_eval():
-        return _make_kernel(heads, q_len, kv_len, causal, block_q, block_kv, interpret)
-
-
-def _make_kernel(heads, q_len, kv_len, causal, block_q, block_kv, interpret):
+    Built afresh at each trace (its mask tables become constants of the traced computation);
+    splash caches the numpy work behind them (`_process_mask` is an lru_cache). Caching the
+    kernel here would keep arrays made inside a trace (tracers) or, made eagerly, arrays
+    committed to devices a `jax.set_mesh` context may not have attached (AOT topologies)."""
     if causal:
         mask = splash.CausalMask((q_len, kv_len))
     else:
@@ -88,13 +106,13 @@ def _make_kernel(heads, q_len, kv_len, causal, block_q, block_kv, interpret):
 
 
 def attention(q, k, v, scale, key_valid, *, causal: bool, block_q: int = 512, block_kv: int = 512,
-              interpret: bool = False):
+              interpret: bool | None = None):
     """Grouped-query attention with splash: q [B, T, H, D], k/v [B, KV, S, D] -> [B, T, H, D].
 
     key_valid bool [B, S] (False = padding key); causal only for self-attention (S == T): key s
     is visible to query t iff s <= t and key_valid[b, s]. Block sizes are upper bounds; each is
     lowered to the largest multiple of 128 dividing its sequence length. `interpret` runs the
-    Pallas kernels in interpret mode (any backend, e.g. CPU tests).
+    Pallas kernels in interpret mode (slow, any backend); None: when not compiling for TPU.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[2]
@@ -103,6 +121,8 @@ def attention(q, k, v, scale, key_valid, *, causal: bool, block_q: int = 512, bl
                          f"({block_q}, {block_kv}); check splash.supported() and use layers.attention")
     if causal and kv_len != q_len:
         raise ValueError(f"causal splash attention is self-attention: T={q_len} but S={kv_len}")
+    if interpret is None:
+        interpret = target_platform() != "tpu"
     kernel = _kernel(heads, q_len, kv_len, causal, _block(q_len, block_q), _block(kv_len, block_kv), interpret)
     kv_ids = key_valid.astype(jnp.int32)
     q_ids = jnp.ones((batch, q_len), jnp.int32)
