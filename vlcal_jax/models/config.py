@@ -13,6 +13,7 @@ from vlcal_jax.processing.image_config import ImageProcessorConfig
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 MODEL_TYPE = "qwen3_vl"
+ATTENTION_IMPLS = ("auto", "xla", "splash")  # ModelConfig.attention_impl; models.splash dispatches on it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,14 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     dtype: str = "float32"
     remat: bool = False  # recompute each layer in the backward pass (activation memory O(1 layer))
+    # attention kernel: "xla" (pure JAX), "splash" (Pallas TPU, models/splash.py), "auto" (splash
+    # when compiling for TPU and splash.supported(shapes), else xla)
+    attention_impl: str = "auto"
     image_processor: ImageProcessorConfig | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
 
     @property
     def compute_dtype(self):
