@@ -21,6 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights and optimizer state (keep float32: see README, precision)
     c.model.compute_dtype = "float32"  # matmuls and activations; the frozen reference model is stored in it
     c.model.remat = False
+    # attention kernel: "auto" (Pallas splash on TPU where the shapes allow, else the pure-JAX
+    # dense / blockwise kernels), "xla" (always pure JAX), "splash" (always; interpret mode off TPU)
+    c.model.attention_impl = "auto"
     # used only when model.path is empty: a small Qwen3-VL-architecture model trained from scratch
     c.model.init = ml_collections.ConfigDict(dict(
         vocab_size=600, tie_word_embeddings=True,

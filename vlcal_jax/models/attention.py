@@ -16,6 +16,12 @@ does. The blockwise kernel also never forms them in the forward: it walks [block
 tiles with an online softmax, skipping the tiles above the diagonal when causal, so its
 temporaries are O(T * block) per head instead of O(T * S), which is what lets a 4096 + 4096
 token row or a 16384-patch image (the paper's 4 MP limit) through the update.
+
+On TPU (`impl="auto"` compiling for TPU, or `impl="splash"`) the Pallas splash kernel
+(`models.splash`) takes the shapes it supports, inside a shard_map over the context mesh: rows
+split over the batch axes when they divide them, else (non-causal, e.g. one 4 MP image per
+micro-batch) the queries split over them against all keys. Everything else (decode steps,
+lengths that are not multiples of 128, CPU and GPU) runs the kernels here.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 NEG_INF = -1e30
 # T * S above which `attention` switches to the blockwise kernel: 1024 x 1024 float32 scores
@@ -32,13 +39,20 @@ DENSE_MAX_SCORES = 1 << 20
 BLOCK = 512
 
 
-def attention(q, k, v, scale, key_valid, *, causal: bool, block_q: int | None = None, block_k: int | None = None):
+def attention(q, k, v, scale, key_valid, *, causal: bool, impl: str = "xla", block_q: int | None = None,
+              block_k: int | None = None):
     """Attention of q [B, T, H, D] over k, v [B, KV, S, D] (see the module docstring).
 
-    Dense for T * S <= DENSE_MAX_SCORES unless block sizes are given, blockwise otherwise."""
+    `impl` (ModelConfig.attention_impl): "auto" / "splash" may hand the shapes to the splash
+    kernel (see `_splash`); otherwise dense for T * S <= DENSE_MAX_SCORES unless block sizes are
+    given, blockwise above."""
     length, keys = q.shape[1], k.shape[2]
     if causal and keys != length:
         raise ValueError(f"causal attention needs as many keys as queries, got T={length}, S={keys}")
+    if impl != "xla":
+        out = _splash(q, k, v, scale, key_valid, causal, impl)
+        if out is not None:
+            return out
     if block_q is None and block_k is None and length * keys <= DENSE_MAX_SCORES:
         mask = key_valid[:, None, :]
         if causal:
@@ -47,6 +61,37 @@ def attention(q, k, v, scale, key_valid, *, causal: bool, block_q: int | None = 
         return dense_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], length, keys)), scale)
     return blockwise_attention(q, k, v, key_valid, scale, causal, min(block_q or BLOCK, length),
                                min(block_k or BLOCK, keys))
+
+
+def _splash(q, k, v, scale, key_valid, causal: bool, impl: str):
+    """The splash kernel's output when it takes these shapes under the context mesh, else None
+    ("splash" raises instead): rows over the mesh's batch axes when they divide them; when they
+    do not and the attention is not causal, queries over the batch axes, each device against
+    every key; heads over "tensor" when the KV heads divide it."""
+    from vlcal_jax.models import splash  # Pallas TPU: imported only when asked for
+
+    if not splash.use_splash(impl, q.shape, k.shape):
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return splash.attention(q, k, v, scale, key_valid, causal=causal)
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    shards = 1
+    for a in batch_axes:
+        shards *= mesh.shape[a]
+    if q.shape[0] % shards == 0:
+        return splash.sharded_attention(q, k, v, scale, key_valid, causal=causal)
+    length = q.shape[1]
+    if not causal and length % (shards * splash.LANES) == 0:
+        heads = "tensor" if "tensor" in mesh.axis_names and k.shape[1] % mesh.shape["tensor"] == 0 else None
+        q_spec, kv_spec = P(None, batch_axes, heads, None), P(None, heads, None, None)
+        return jax.shard_map(lambda q, k, v, valid: splash.attention(q, k, v, scale, valid, causal=False),
+                             mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P()), out_specs=q_spec,
+                             check_vma=False)(q, k, v, key_valid)
+    if impl == "splash":
+        raise ValueError(f"attention_impl='splash': q {q.shape} (causal={causal}) does not split over the "
+                         f"{shards} devices of the mesh's batch axes {batch_axes}; use attention_impl='auto'")
+    return None
 
 
 def _head_major(q, kv_heads):

@@ -44,7 +44,8 @@ def mrope_cos_sin(position_ids, config: TextConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_index=None, layer=None):
+def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_index=None, layer=None, *,
+                  attention_impl: str = "xla"):
     """One layer. x [B, T, D]; key_valid bool [B, S] (False: a padding key, or a cache slot not yet written).
 
     Without `kv`: causal self-attention over this call's own tokens (S == T); returns
@@ -72,10 +73,10 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
         k_all = jax.lax.dynamic_index_in_dim(k_stack, layer, keepdims=False).astype(q.dtype)
         v_all = jax.lax.dynamic_index_in_dim(v_stack, layer, keepdims=False).astype(q.dtype)
         new_kv = (k_stack, v_stack)
-        out = attention.attention(q, k_all, v_all, hd**-0.5, key_valid, causal=False)
+        out = attention.attention(q, k_all, v_all, hd**-0.5, key_valid, causal=False, impl=attention_impl)
     else:
         new_kv = (k, v)
-        out = attention.attention(q, k, v, hd**-0.5, key_valid, causal=True)
+        out = attention.attention(q, k, v, hd**-0.5, key_valid, causal=True, impl=attention_impl)
     out = out.reshape(batch, length, -1)
     x = x + layers.linear(out, attn["o_proj"]["kernel"], attn["o_proj"].get("bias"))
     h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)
@@ -129,7 +130,8 @@ def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=
         def cached_body(carry, xs):
             h, k_stack, v_stack = carry
             p, i = xs
-            h, (k_stack, v_stack) = decoder_layer(tc, p, h, cos, sin, key_valid, (k_stack, v_stack), write_index, layer=i)
+            h, (k_stack, v_stack) = decoder_layer(tc, p, h, cos, sin, key_valid, (k_stack, v_stack), write_index, layer=i,
+                                                     attention_impl=config.attention_impl)
             return (add_deepstack(h, i), k_stack, v_stack), None
 
         (x, k_out, v_out), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["text"]["layers"], layer_ids))
@@ -137,7 +139,7 @@ def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=
 
     def body(h, xs):
         p, i = xs
-        h, kv = decoder_layer(tc, p, h, cos, sin, key_valid)
+        h, kv = decoder_layer(tc, p, h, cos, sin, key_valid, attention_impl=config.attention_impl)
         return add_deepstack(h, i), (kv if return_kv else None)
 
     if config.remat:

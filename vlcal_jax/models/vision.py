@@ -133,7 +133,7 @@ def _rotary(rope_hw, config: VisionConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def _block(config: VisionConfig, p, x, cos, sin, patch_valid):
+def _block(config: VisionConfig, p, x, cos, sin, patch_valid, attention_impl: str = "xla"):
     """x [I, P, Dv], patch_valid bool [I, P]: each image attends within itself, to its real patches."""
     heads, dim = config.num_heads, config.head_dim
     h = layers.layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"], config.layer_norm_eps)
@@ -142,7 +142,7 @@ def _block(config: VisionConfig, p, x, cos, sin, patch_valid):
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin).swapaxes(1, 2)
     v = qkv[:, :, 2].swapaxes(1, 2)
-    attn = attention.attention(q, k, v, dim**-0.5, patch_valid, causal=False)
+    attn = attention.attention(q, k, v, dim**-0.5, patch_valid, causal=False, impl=attention_impl)
     x = x + layers.linear(attn.reshape(x.shape), p["attn"]["proj"]["kernel"], p["attn"]["proj"]["bias"])
     h = layers.layer_norm(x, p["norm2"]["scale"], p["norm2"]["bias"], config.layer_norm_eps)
     act = layers.activation(config.hidden_act)
@@ -167,7 +167,8 @@ def _slice_layers(tree, start, stop):
     return jax.tree.map(lambda a: a[start:stop], tree)
 
 
-def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.float32, remat: bool = False):
+def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.float32, remat: bool = False,
+                 attention_impl: str = "xla"):
     """Runs the tower. Returns (image_embeds [I * P/m^2, D_text], deepstack [n_ds, I * P/m^2, D_text]):
     image i's j-th merged token is row i * P/m^2 + j."""
     x = layers.linear(inputs.pixel_values.astype(dtype), params["patch_embed"]["kernel"],
@@ -176,7 +177,7 @@ def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.f
     x = x + jnp.sum(pos * inputs.interp_weight[..., None].astype(dtype), axis=2)
     cos, sin = _rotary(inputs.rope_hw, config)
     def body(h, p):
-        return _block(config, p, h, cos, sin, inputs.patch_mask), None
+        return _block(config, p, h, cos, sin, inputs.patch_mask, attention_impl), None
 
     if remat:
         body = jax.checkpoint(body)

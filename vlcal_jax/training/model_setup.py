@@ -37,7 +37,8 @@ def from_scratch_config(m: ml_collections.ConfigDict, tokenizer) -> models.Model
                                head_dim=t.head_dim, rope_theta=t.rope_theta, mrope_section=tuple(t.mrope_section)),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=m.init.tie_word_embeddings, dtype=m.compute_dtype, remat=m.remat)
+        tie_word_embeddings=m.init.tie_word_embeddings, dtype=m.compute_dtype, remat=m.remat,
+        attention_impl=m.attention_impl)
 
 
 def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
@@ -49,7 +50,7 @@ def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
         from vlcal_jax import export
 
         model_config, params, tokenizer, image_config = export.load_model_dir(m.path, dtype=jnp.dtype(m.param_dtype))
-        model_config = model_config.replace(dtype=m.compute_dtype, remat=m.remat)
+        model_config = model_config.replace(dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl)
         if pixels:
             image_config = dataclasses.replace(image_config, **pixels)
         return tokenizer, model_config.replace(image_processor=image_config), params, image_config
