@@ -28,6 +28,7 @@ from vlcal_jax.training import checkpoints, data_setup, evaluation, export, logs
 
 log = logging.getLogger("vlcal_jax.train")
 
+
 def rl_config(config: ml_collections.ConfigDict, image_config=None) -> step.RLConfig:
     """The update's RLConfig from `config.rl`; VCE perturbations are normalised with the statistics
     of the image processor that made the pixel values (`image_config`, default Qwen3-VL's)."""
@@ -152,7 +153,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     Resumable at any point: a rerun of the same command restores the warm start, the reference
     model, the newest train-state checkpoint, the data position and the rng, and continues as if
-    it had never stopped (same metrics, bit for bit on CPU)."""
+    it had never stopped (same metrics, bit for bit on CPU). Log handlers are the caller's
+    (`logs.setup_logging`, which the CLI calls)."""
     parallel.initialize()
     if jax.process_count() > 1:
         raise SystemExit("vlcal_jax.train drives one controller process; multi-process (multi-host) "
