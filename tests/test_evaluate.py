@@ -13,11 +13,12 @@ import pytest
 from sklearn.metrics import brier_score_loss, roc_auc_score
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl
 
-from vlcal_jax import export, models, processing, sampling
+from vlcal_jax import models, processing, sampling
 from vlcal_jax import evaluate as evaluate_cli
 from vlcal_jax.data import scenes
 from vlcal_jax.eval import evaluate as ev
 from vlcal_jax.rl import rollout
+from vlcal_jax.training import export
 
 # Sampling settings of every real-generation test (here and in test_predict.py), so they all
 # reuse one compiled program; batching and last-batch padding are checked with fake_generation.

@@ -19,10 +19,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from vlcal_jax import models, processing, train
+from vlcal_jax import models, processing
 from vlcal_jax.rl import certainty, losses, rewards, rollout, step
 from vlcal_jax.rl import format as rformat
-from vlcal_jax.training import model_setup
+from vlcal_jax.training import loop, model_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -217,7 +217,7 @@ _BUILT = {}
 def test_builds_its_model_and_train_step_abstractly(variant, tmp_path):
     config = get_config(variant)
     model_config = model_config_of(variant, config, tmp_path)
-    rl = train.rl_config(config)
+    rl = loop.rl_config(config)
     assert rl.loss == config.rl.loss and rl.vce_kind == config.rl.vce_kind
     key = (model_config, rl, config.model.param_dtype)
     if key not in _BUILT:  # variants differing only outside the model and the update trace once

@@ -6,9 +6,10 @@ import re
 import pytest
 
 from test_evaluate import NEW_TOKENS, TEMPERATURE, TOP_P, fake_generation, tiny_world
-from vlcal_jax import export, processing, sampling
+from vlcal_jax import processing, sampling
 from vlcal_jax import predict as predict_cli
 from vlcal_jax.data import scenes
+from vlcal_jax.training import export
 
 FIELDS = ("answer", "vision confidence", "reasoning confidence", "combined confidence", "format ok", "tokens")
 

@@ -10,8 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from vlcal_jax import train
-from vlcal_jax.training import checkpoints, logs
+from vlcal_jax.training import checkpoints, logs, loop
 
 
 def tiny_config(workdir):
@@ -46,7 +45,7 @@ def rl_rows(workdir):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "a"
-    summary = train.run(tiny_config(workdir))
+    summary = loop.run(tiny_config(workdir))
     return workdir, summary
 
 
@@ -67,7 +66,7 @@ def test_run_writes_everything(first_run):
 
 def test_same_seed_same_metrics_bit_for_bit(first_run, tmp_path):
     workdir, _ = first_run
-    train.run(tiny_config(tmp_path / "b"))
+    loop.run(tiny_config(tmp_path / "b"))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(rl_rows(tmp_path / "b")) == strip(rl_rows(workdir))
 
@@ -84,7 +83,7 @@ def test_resume_continues_and_skips_a_corrupt_checkpoint(first_run, tmp_path):
                 f.write(b"garbage")
     config = tiny_config(resumed)
     config.rl.steps = 3
-    train.run(config)
+    loop.run(config)
     rows = rl_rows(resumed)
     # resumed from checkpoint 1: step 2 is redone (its old row replaced, with the same metrics), then 3
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -101,7 +100,7 @@ def test_checkpoint_of_another_model_is_refused(first_run, tmp_path, sft_steps):
     config.sft.steps = sft_steps
     config.model.init.text.intermediate_size = 256  # the checkpoints were written with 384
     with pytest.raises(checkpoints.IncompatibleCheckpoint, match="holds checkpoints of a different model"):
-        train.run(config)
+        loop.run(config)
 
 
 class StandInBucket(LocalFileSystem):
@@ -160,7 +159,7 @@ def test_gs_workdir_is_written_through_and_resumes_on_another_machine(first_run,
     root, seen = bucket
     config = tiny_config(tmp_path / "unused")
     config.workdir = "gs://bucket/run"
-    summary = train.run(config)
+    summary = loop.run(config)
     run = root / "run"
     for name in ("config.json", "metrics.jsonl", "summary.json", "before_rl.json", "training_curves.png",
                  "tokenizer/tokenizer.json", "eval/before_rl/metrics.json", "eval/after_rl/metrics.json",
@@ -178,5 +177,5 @@ def test_gs_workdir_is_written_through_and_resumes_on_another_machine(first_run,
     # another machine (an empty local cache) continues the run from the bucket alone
     monkeypatch.setenv("VLCAL_CACHE", str(tmp_path / "cache-machine-2"))
     config.rl.steps = 3
-    train.run(config)
+    loop.run(config)
     assert [r["step"] for r in rl_rows(run)] == [1, 2, 3]

@@ -1,6 +1,6 @@
 """The trainer's RL step on a real CLI run that cannot silently do nothing.
 
-One tiny `train.run` (warm start long enough that the sampled responses open and close
+One tiny `loop.run` (warm start long enough that the sampled responses open and close
 `<vision>` spans, then one GRPO step) with spies on what `rl_iteration` builds: the sampler's
 tokens, the VCE statistics, the rewards it scores and the RLBatch it updates on. Each array is
 checked against a re-derivation from the one before it: texts decoded from the sampled tokens,
@@ -20,9 +20,9 @@ import pytest
 
 import numpy_reference as ref
 import update_reference as R
-from vlcal_jax import sampling, train
+from vlcal_jax import sampling
 from vlcal_jax.rl import rewards, rollout, step
-from vlcal_jax.training import logs
+from vlcal_jax.training import logs, loop
 
 N_PER_PROMPT = 4
 # The `<vision>` content as PAPER.md section 2 defines it: whitespace around `<`, `>`, `/` does
@@ -63,7 +63,7 @@ def tiny_config(workdir):
 def run(tmp_path_factory):
     """The run's outputs and what its one rl_iteration built (host copies)."""
     seen = {"inside": False}
-    real = {"rl_iteration": train.rl_iteration, "generate": sampling.generate_from_inputs, "score": step.score,
+    real = {"rl_iteration": loop.rl_iteration, "generate": sampling.generate_from_inputs, "score": step.score,
             "score_rewards": rollout.score_rewards, "make_train_step": step.make_train_step}
 
     def rl_iteration(ctx, state, ref_params, examples, rng):
@@ -104,12 +104,12 @@ def run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("integration") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "rl_iteration", rl_iteration)
+        mp.setattr(loop, "rl_iteration", rl_iteration)
         mp.setattr(sampling, "generate_from_inputs", generate)
         mp.setattr(step, "score", score)
         mp.setattr(rollout, "score_rewards", score_rewards)
         mp.setattr(step, "make_train_step", make_train_step)
-        train.run(tiny_config(workdir))
+        loop.run(tiny_config(workdir))
     for key in ("samples", "stats", "scored", "update", "metrics"):
         assert key in seen, f"rl_iteration did not reach {key}"
     seen["sample"] = jax.tree.map(lambda *chunks: np.concatenate(chunks), *seen["samples"])

@@ -4,7 +4,7 @@
     python -m vlcal_jax.evaluate --model_path DIR --benchmark scenes --data_dir scenes/ --limit 200
     python -m vlcal_jax.evaluate --model_path DIR --benchmark records --data_dir rows.parquet
 
---model_path: an HF-format model directory (vlcal_jax.export: a Qwen3-VL download or an
+--model_path: an HF-format model directory (vlcal_jax.training.export: a Qwen3-VL download or an
 exported model). --benchmark: one of the 13 sets of PAPER.md section 7 (names below), in
 its release layout under --data_dir; "scenes": the directory written by
 `python -m vlcal_jax.data.scenes` (its <split>.parquet, default test), scored for
@@ -23,10 +23,10 @@ import os
 import sys
 from typing import Sequence
 
-from vlcal_jax import export
 from vlcal_jax.data import RecordReader, benchmarks
 from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.rl.format import MODES
+from vlcal_jax.training import export
 
 log = logging.getLogger("vlcal_jax.evaluate")
 FILE_SETS = ("scenes", "records")

@@ -17,10 +17,11 @@ from typing import Any, Sequence
 
 import PIL.Image
 
-from vlcal_jax import export, processing
+from vlcal_jax import processing
 from vlcal_jax.data import Example
 from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.rl import format as rformat
+from vlcal_jax.training import export
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
@@ -71,7 +72,7 @@ def format_prediction(prediction: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vlcal_jax.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_path", required=True, help="HF-format model directory (vlcal_jax.export)")
+    parser.add_argument("--model_path", required=True, help="HF-format model directory (vlcal_jax.training.export)")
     parser.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     parser.add_argument("--question", required=True)
     parser.add_argument("--mode", default="decoupled", choices=rformat.MODES, help="response format")

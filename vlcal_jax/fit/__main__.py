@@ -28,7 +28,7 @@ from absl import app, flags
 
 from vlcal_jax import parallel, train
 from vlcal_jax.fit import memory, plan, programs, report, topology
-from vlcal_jax.training import logs
+from vlcal_jax.training import logs, loop
 
 log = logging.getLogger("vlcal_jax.fit")
 
@@ -85,7 +85,7 @@ def fit(config, name: str, compiles: int) -> dict:
     mesh = parallel.make_mesh(**config.mesh, devices=topology.devices(tpu))
     model = plan.model(config)
     sizes = plan.sizes(config, model.config)
-    setup = programs.Setup(model.config, train.rl_config(config, model.config.image_processor), mesh,
+    setup = programs.Setup(model.config, loop.rl_config(config, model.config.image_processor), mesh,
                            config.model.param_dtype, eos_token_ids=model.eos_token_ids,
                            pad_token_id=model.pad_token_id, shard_inputs=_SHARD_INPUTS.value)
     hbm, gib = tpu.chip.hbm_bytes, topology.GIB

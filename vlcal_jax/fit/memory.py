@@ -3,8 +3,8 @@
 A program's own arguments, outputs and temporaries are what XLA reports for it; the run's
 other state stays resident in HBM beside it: the float32 masters, the optimizer state and
 the reference model throughout, and the compute-dtype policy copy during rollouts and
-scoring (train.rl_iteration drops it before the update, whose donated state is aliased into
-its outputs).
+scoring (training.loop.rl_iteration drops it before the update, whose donated state is aliased
+into its outputs).
 """
 
 from __future__ import annotations

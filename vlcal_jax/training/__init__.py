@@ -1,1 +1,2 @@
-"""Pieces of the training CLI (vlcal_jax.train): data, model, warm start, eval, logs, checkpoints."""
+"""A training run (vlcal_jax.train is its CLI): the stages and the GRPO loop (loop), data, model,
+warm start, evaluation, logs, checkpoints and the HF-format model directory (export)."""

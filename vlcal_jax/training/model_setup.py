@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlcal_jax import models, processing
+from vlcal_jax.training import export
 
 log = logging.getLogger("vlcal_jax.train")
 
@@ -47,8 +48,6 @@ def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
     m, d = config.model, config.data
     pixels = {k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)) if v}
     if m.path:
-        from vlcal_jax import export
-
         model_config, params, tokenizer, image_config = export.load_model_dir(m.path, dtype=jnp.dtype(m.param_dtype))
         model_config = model_config.replace(dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl)
         if pixels:
@@ -92,10 +91,3 @@ def compute_params(params, model_config, copy: bool = False):
 def _cast(x, dtype):
     return x.astype(dtype)
 
-
-def export(model_config, params, tokenizer, image_config, out_dir: str, prompt: str | None = None) -> None:
-    """Writes an HF-format model directory that `python -m vlcal_jax.evaluate/predict` and
-    transformers load."""
-    from vlcal_jax import export as exporter
-
-    exporter.export_model_dir(model_config, params, tokenizer, image_config, out_dir, prompt=prompt)

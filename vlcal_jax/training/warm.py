@@ -1,17 +1,115 @@
-"""Supervised warm start stage of the training CLI (see vlcal_jax.warmstart)."""
+"""Supervised warm start: teacher-forced cross-entropy on responses in the decoupled format.
+
+A model trained from scratch (the CPU demo) first has to learn the output format of
+PAPER.md section 2 before RL can calibrate it; real Qwen3-VL checkpoints skip this stage.
+The teacher responses come with the generated scenes (optionally made overconfident, or
+rewritten in a baseline's format); the step is one jit with donated state, like the RL
+update; `warm_start` runs `config.sft.steps` of them.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
+from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from vlcal_jax import warmstart
-from vlcal_jax.rl import step
+from vlcal_jax.models import text
+from vlcal_jax.models.config import ModelConfig
+from vlcal_jax.rl import rollout, step
 from vlcal_jax.training import logs
 
 log = logging.getLogger("vlcal_jax.train")
+
+_CONF = re.compile(r"<(vision_confidence|reasoning_confidence)>\s*\d+(\.\d+)?\s*</\1>")
+
+
+def override_confidences(response: str, rng: np.random.Generator, low: int = 9, high: int = 10) -> str:
+    """Replaces both stated confidences with integers drawn from [low, high]: an overconfident
+    teacher, like the uncalibrated base models of PAPER.md section 7 (ECE ~0.4)."""
+    return _CONF.sub(lambda m: f"<{m.group(1)}>{int(rng.integers(low, high + 1))}</{m.group(1)}>", response)
+
+
+def convert_teacher(response: str, mode: str) -> str:
+    """A decoupled-format teacher response rewritten in another response format (PAPER.md
+    section 2 baselines): "rlcr" merges vision and reasoning into <think> and states one
+    confidence (the harmonic mean of the two, rounded); "plain" keeps <think> and the answer."""
+    if mode == "decoupled":
+        return response
+    vision = re.search(r"<vision>(.*?)</vision>", response, re.S)
+    reasoning = re.search(r"<reasoning>(.*?)</reasoning>", response, re.S)
+    boxed = re.search(r"</think>(.*?)<analysis>", response, re.S)
+    if not (vision and reasoning and boxed):
+        raise ValueError(f"teacher response is not in the decoupled format: {response[:200]!r}")
+    think = f"<think>{vision.group(1).strip()} {reasoning.group(1).strip()}</think>{boxed.group(1).rstrip()}"
+    if mode == "plain":
+        return think
+    if mode != "rlcr":
+        raise ValueError(f"unknown response mode {mode!r}; use decoupled, rlcr or plain")
+    analysis = re.search(r"<analysis>(.*?)</analysis>", response, re.S)
+    scores = [float(m.group(2)) for m in re.finditer(r"<(vision_confidence|reasoning_confidence)>\s*([\d.]+)",
+                                                       response)]
+    v, r = (scores + [0.0, 0.0])[:2]
+    combined = round(2 * v * r / (v + r)) if v + r > 0 else 0
+    return f"{think} <analysis>{analysis.group(1).strip() if analysis else ''}</analysis><confidence>{combined}</confidence>"
+
+
+def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: int, pad_id: int):
+    """Responses -> (tokens int32 [N, length] ending in EOS, lengths [N]); too long -> truncated."""
+    tokens = np.full((len(responses), length), pad_id, np.int32)
+    lengths = np.zeros(len(responses), np.int32)
+    for i, response in enumerate(responses):
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])[:length - 1] + [eos_id]
+        tokens[i, :len(ids)] = ids
+        lengths[i] = len(ids)
+    return tokens, lengths
+
+
+def sft_batch(examples, responses, tokenizer, config: ModelConfig, image_config, *, response_length: int,
+              length_buckets, patch_bucket=None, num_images=None, prompt: str = "decoupled"):
+    """(ModelInputs of prompt + response rows, response mask [N, M])."""
+    prompts = rollout.encode_examples(examples, tokenizer, config, image_config, mode=prompt,
+                                      length_buckets=length_buckets,
+                                      patch_bucket=patch_bucket, num_images=num_images)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokens, lengths = encode_responses(tokenizer, responses, response_length, eos, tokenizer.pad_token_id)
+    inputs = rollout.expand_for_responses(prompts.inputs, tokens, lengths, 1)
+    return inputs, (np.arange(response_length)[None] < lengths[:, None]).astype(np.float32)
+
+
+def sft_loss(params, config: ModelConfig, inputs, response_mask, chunk: int):
+    """Mean negative log-likelihood of the response tokens."""
+    m = response_mask.shape[1]
+    hidden = step.response_hidden(config, params, inputs, m)
+    logp = step.token_logprobs(hidden, text.lm_head_kernel(config, params), inputs.input_ids[:, -m:], min(chunk, m))
+    return -jnp.sum(logp * response_mask) / jnp.maximum(jnp.sum(response_mask), 1.0)
+
+
+def make_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.01, warmup: int = 10):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, max(steps - 1, 1)),
+                                                  max(steps, 2), end_value=0.1 * learning_rate)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def make_sft_step(config: ModelConfig, optimizer, chunk: int = 256):
+    """`sft_step(state, inputs, response_mask) -> (state, metrics)`; one jit, state donated."""
+
+    def sft_step(state: step.TrainState, inputs, response_mask):
+        loss, grads = jax.value_and_grad(sft_loss)(state.params, config, inputs, response_mask, chunk)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_state = step.TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state))
+        return new_state, {"sft_loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.float32)}
+
+    return jax.jit(sft_step, donate_argnums=0)
 
 
 def warm_start(config, model_config, params, tokenizer, image_config, data, writer):
@@ -19,22 +117,22 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
     s = config.sft
     if data.sft_source is None:
         raise ValueError("sft.steps > 0 needs teacher responses: they come with data.kind='scenes'")
-    optimizer = warmstart.make_optimizer(s.learning_rate, s.steps, s.weight_decay, s.warmup_steps)
+    optimizer = make_optimizer(s.learning_rate, s.steps, s.weight_decay, s.warmup_steps)
     state = step.init_state(params, optimizer)
-    sft_step = warmstart.make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
+    sft_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
     rng = np.random.default_rng(config.seed)
     bar = logs.progress(range(s.steps), desc="warm start")
     for i in bar:
         examples = data.sft_source.take(s.batch_size)
         responses = [ex.meta["teacher_response"] for ex in examples]
         if s.overconfident:
-            responses = [warmstart.override_confidences(r, rng, s.confidence_low, s.confidence_high)
-                         for r in responses]
-        responses = [warmstart.convert_teacher(r, config.rl.mode) for r in responses]
-        inputs, mask = warmstart.sft_batch(
-            examples, responses, tokenizer, model_config, image_config, response_length=config.rl.max_new_tokens,
-            length_buckets=tuple(config.data.length_buckets), patch_bucket=config.data.patch_bucket or None,
-            num_images=s.batch_size * config.data.max_images_per_prompt, prompt=config.rl.prompt)
+            responses = [override_confidences(r, rng, s.confidence_low, s.confidence_high) for r in responses]
+        responses = [convert_teacher(r, config.rl.mode) for r in responses]
+        inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
+                                 response_length=config.rl.max_new_tokens,
+                                 length_buckets=tuple(config.data.length_buckets),
+                                 patch_bucket=config.data.patch_bucket or None,
+                                 num_images=s.batch_size * config.data.max_images_per_prompt, prompt=config.rl.prompt)
         state, metrics = sft_step(state, inputs, mask)
         if (i + 1) % config.log_every == 0 or i + 1 == s.steps:
             metrics = {f"sft/{k}": float(v) for k, v in metrics.items()}

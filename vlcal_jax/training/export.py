@@ -32,7 +32,7 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _FETCH = ("Download a checkpoint on a machine with internet access (e.g. `huggingface-cli download "
           "Qwen/Qwen3-VL-4B-Instruct --local-dir DIR`, which fetches config.json, model*.safetensors, "
           "tokenizer.json, tokenizer_config.json and preprocessor_config.json) and copy DIR here, or export a "
-          "trained model with vlcal_jax.export.export_model_dir.")
+          "trained model with vlcal_jax.training.export.export_model_dir.")
 
 
 class ModelDir(NamedTuple):

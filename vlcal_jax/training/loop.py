@@ -1,0 +1,257 @@
+"""The run: every stage of an experiment, and the GRPO loop at its centre.
+
+    summary = loop.run(config)   # what `python -m vlcal_jax.train --config ...` does
+
+Stages: model + tokenizer (a HF Qwen3-VL directory, or a small model built from scratch),
+data, optional supervised warm start, evaluation before RL, the GRPO loop (rollout -> VCE
+scoring -> rewards -> one compiled update), periodic evaluation and orbax checkpoints, and
+finally an HF-format export, plots and a summary. A SIGTERM checkpoints at the next step
+boundary and exits with `Preemption.EXIT_CODE`; rerunning the same config resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from vlcal_jax import parallel
+from vlcal_jax.rl import rollout, step
+from vlcal_jax.training import checkpoints, data_setup, evaluation, export, logs, model_setup, rollouts, storage, warm
+
+log = logging.getLogger("vlcal_jax.train")
+
+
+def rl_config(config: ml_collections.ConfigDict, image_config=None) -> step.RLConfig:
+    """The update's RLConfig from `config.rl`; VCE perturbations are normalised with the statistics
+    of the image processor that made the pixel values (`image_config`, default Qwen3-VL's)."""
+    r = config.rl
+    stats = {} if image_config is None else dict(image_mean=tuple(image_config.image_mean),
+                                                 image_std=tuple(image_config.image_std))
+    return step.RLConfig(**stats,
+        loss=r.loss, samples_per_prompt=r.samples_per_prompt, clip_low=r.clip_low, clip_high=r.clip_high,
+        dual_clip=r.dual_clip, kl_coef=r.kl_coef, w_min=r.w_min, w_max=r.w_max, lambda_tar=r.lambda_tar,
+        filter_top_p=r.filter_top_p, learning_rate=r.learning_rate, weight_decay=r.weight_decay,
+        grad_clip=r.grad_clip, warmup_steps=r.warmup_steps, logprob_chunk=r.logprob_chunk, vce_kind=r.vce_kind,
+        vce_prob=r.vce_prob, vce_noise_std=r.vce_noise_std, vce_grey=r.vce_grey, vce_k=r.vce_k,
+        kl_clamp=r.kl_clamp, micro_batch_size=r.micro_batch_size)
+
+
+def rl_iteration(ctx, state, ref_params, examples, rng):
+    """One GRPO step on `examples` (the local prompts): returns (state, metrics dict)."""
+    config, rl, r = ctx.model_config, ctx.rl, ctx.config.rl
+    n, m = rl.samples_per_prompt, r.max_new_tokens
+    k_sample, k_score, k_step = jax.random.split(rng, 3)
+    prompts = rollout.encode_examples(examples, ctx.tokenizer, config, ctx.image_config, mode=r.prompt,
+                                      length_buckets=tuple(ctx.config.data.length_buckets),
+                                      patch_bucket=ctx.config.data.patch_bucket or None,
+                                      num_images=len(examples) * ctx.config.data.max_images_per_prompt)
+    t0 = time.perf_counter()
+    # rollouts and scoring read the policy in the compute dtype, cast once per step from the
+    # float32 masters (what the update's matmuls see: the same rounding, so old_logp is on-policy)
+    policy = model_setup.compute_params(state.params, config)
+    out = rollouts.generate(config, policy, prompts.inputs, k_sample, prompts_per_chunk=r.rollout_batch_size,
+                            samples=n, max_new_tokens=m, temperature=r.temperature, top_p=r.top_p,
+                            eos_token_ids=ctx.eos_ids, pad_token_id=ctx.tokenizer.pad_token_id,
+                            tokenizer=ctx.tokenizer, mode=r.mode)
+    tokens, lengths, texts, vision_mask = out.tokens, out.lengths, out.texts, out.vision_mask
+    t1 = time.perf_counter()
+    seq = rollout.expand_for_responses(prompts.inputs, tokens, lengths, n)
+    stats = rollouts.score(config, policy, ref_params, seq, k_score, rl=rl, num_response=m)
+    del policy
+    t2 = time.perf_counter()
+    kl, ent = rollout.response_vision_stats(stats, vision_mask, variant=r.soft_label_variant)
+    rewards = rollout.score_rewards(texts, examples, n, reward=r.reward, vision_kl=kl, vision_entropy=ent,
+                                    **dict(r.reward_weights))
+    response_mask = (np.arange(m)[None] < lengths[:, None]).astype(np.float32)
+    batch = step.RLBatch(seq, response_mask, vision_mask.astype(np.float32), rewards["advantage"].astype(np.float32),
+                         stats["logp"], stats["ref_logp"], stats["k3"], stats["nll"], stats["kl"], stats["entropy"])
+    state, update_metrics = ctx.train_step(state, batch, k_step)
+    update_metrics = {k: float(v) for k, v in update_metrics.items()}
+    t3 = time.perf_counter()
+    metrics = {f"update/{k}": v for k, v in update_metrics.items()}
+    for key, value in rewards.items():
+        value = np.asarray(value, np.float64)
+        if value.dtype.kind in "fb" and np.isfinite(value).any():
+            metrics[f"reward/{key}"] = float(np.nanmean(value))
+    metrics["rollout/response_length"] = float(lengths.mean())
+    metrics["rollout/finished"] = float(out.finished.mean())
+    metrics["rollout/has_vision_span"] = float(vision_mask.any(-1).mean())
+    metrics["vce/vision_kl"] = float(np.nanmean(kl)) if np.isfinite(kl).any() else 0.0
+    metrics["vce/vision_entropy"] = float(np.nanmean(ent)) if np.isfinite(ent).any() else 0.0
+    metrics.update(evaluation.perception_metrics(texts, examples, n, rewards))
+    metrics.update({"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
+    return state, metrics
+
+
+class Context:
+    """Everything the loop needs that does not change between steps."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class Preemption:
+    """SIGTERM (TPU VM maintenance, spot preemption) -> a flag the loop reads at step boundaries."""
+
+    EXIT_CODE = 143  # 128 + SIGTERM, what a supervisor expects from a terminated job
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+        log.warning("SIGTERM received: checkpointing at the end of this step, then exiting")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _is_eval(row: dict) -> bool:
+    return any(k.startswith("eval/") for k in row)
+
+
+def _is_sft(row: dict) -> bool:
+    return any(k.startswith("sft/") for k in row)
+
+
+def warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer):
+    """The supervised warm start, done once: restored from `workdir/warm_start` when a previous
+    attempt finished it, else run (its metric rows replace any of an unfinished attempt) and saved."""
+    if not config.sft.steps:
+        return params
+    store = checkpoints.ParamsStore(run_dir.path("warm_start"))
+    restored = store.restore(params)
+    if restored is not None:
+        log.info("warm start restored from %s (not recomputed)", run_dir.path("warm_start"))
+        store.close()
+        return restored
+    logs.keep_metrics(writer.path, lambda row: not _is_sft(row))
+    params = warm.warm_start(config, model_config, params, tokenizer, image_config, data, writer)
+    store.save(params)
+    store.close()
+    return params
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Runs the whole experiment; returns the summary also written to workdir/summary.json.
+
+    Resumable at any point: a rerun of the same command restores the warm start, the reference
+    model, the newest train-state checkpoint, the data position and the rng, and continues as if
+    it had never stopped (same metrics, bit for bit on CPU). Log handlers are the caller's
+    (`logs.setup_logging`, which the CLI calls)."""
+    parallel.initialize()
+    if jax.process_count() > 1:
+        raise SystemExit("vlcal_jax.train drives one controller process; multi-process (multi-host) "
+                         "training is not wired yet: run on a single host (one TPU VM / GPU node) for now.")
+    with Preemption() as preemption:  # from the start: a SIGTERM during set-up ends at the first step
+        return _run(config, preemption)
+
+
+def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
+    run_dir = storage.RunDir(config.workdir)
+    log.info("workdir: %s%s", run_dir.root, f" (local mirror {run_dir.local_root})" if run_dir.remote else "")
+    run_dir.write_text("config.json", config.to_json_best_effort(indent=2))
+    mesh = parallel.make_mesh(**config.mesh)
+    log.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(), jax.devices()[0].platform)
+    rng = jax.random.key(config.seed)
+
+    data = data_setup.setup_data(config, run_dir)
+    tokenizer, model_config, params, image_config = model_setup.setup_model(config, data, rng, run_dir)
+    params = parallel.shard_params(params, mesh)
+    main_process = jax.process_index() == 0
+    if run_dir.remote:  # the URL's log is the truth; a local mirror may be older or newer
+        run_dir.reset_local("metrics.jsonl")
+        run_dir.fetch("metrics.jsonl")
+    writer = logs.MetricWriter(run_dir, enabled=main_process)
+    summary: dict = {"workdir": run_dir.root}
+
+    params = warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer)
+    ctx = Context(config=config, model_config=model_config, tokenizer=tokenizer, image_config=image_config,
+                  rl=rl_config(config, image_config), eos_ids=tuple(model_setup.eos_ids(tokenizer)), writer=writer)
+    evaluator = evaluation.Evaluator(config, model_config, tokenizer, image_config, data.eval_examples, run_dir)
+
+    # the reference model = the RL starting point, frozen, stored in the compute dtype
+    ref_params = model_setup.compute_params(params, model_config, copy=True)
+    optimizer = step.make_optimizer(ctx.rl)
+    state = step.init_state(params, optimizer)
+    ckpt = checkpoints.Checkpointer(run_dir.path("checkpoints"), keep=config.checkpoint.keep)
+    state, start, extra = ckpt.restore_latest(state)
+    steps = config.rl.steps
+    if extra:
+        data.train_reader.restore(extra["reader"])
+        rng = jax.random.wrap_key_data(np.asarray(extra["rng"], np.uint32))
+        log.info("resumed from step %d of %d (%s)", start, steps, run_dir.path("checkpoints"))
+    # rows of steps this run is about to redo are dropped: the log reads as one uninterrupted run
+    periodic_eval_at_start = bool(config.eval.every) and start % max(config.eval.every, 1) == 0 and start < steps
+    dropped = logs.keep_metrics(writer.path, lambda row: row["step"] < start or _is_sft(row) or (
+        row["step"] == start and start > 0 and (not _is_eval(row) or periodic_eval_at_start)))
+    if dropped:
+        log.info("dropped %d metric rows after step %d (they are redone)", dropped, start)
+    ctx.train_step = step.make_train_step(model_config, ctx.rl, optimizer, mesh=mesh)
+
+    if config.eval.before_rl:
+        if start == 0 or not run_dir.fetch("before_rl.json"):
+            summary["before_rl"] = evaluator.run(state.params, tag="before_rl", step=0, writer=writer)
+            run_dir.write_text("before_rl.json", json.dumps(summary["before_rl"], indent=2))
+        else:
+            with open(run_dir.local("before_rl.json"), encoding="utf-8") as f:
+                summary["before_rl"] = json.load(f)
+
+    def save(i):
+        ckpt.save(i, state, {"reader": data.train_reader.state(),
+                             "rng": np.asarray(jax.random.key_data(rng)).tolist()})
+        writer.publish()
+
+    progress = logs.progress(range(start, steps), total=steps, initial=start, desc="RL")
+    try:
+        for i in progress:
+            rng, key = jax.random.split(rng)
+            examples = data.train_reader.take(config.rl.prompts_per_step)
+            state, metrics = rl_iteration(ctx, state, ref_params, examples, key)
+            writer.write(i + 1, metrics)
+            progress.set_postfix(reward=f"{metrics.get('reward/reward', 0):.3f}",
+                                 acc=f"{metrics.get('reward/accuracy', 0):.2f}",
+                                 conf=f"{metrics.get('reward/confidence', 0):.2f}")
+            if config.eval.every and (i + 1) % config.eval.every == 0 and i + 1 < steps:
+                evaluator.run(state.params, tag=f"step_{i + 1}", step=i + 1, writer=writer)
+            if config.checkpoint.every and (i + 1) % config.checkpoint.every == 0 or preemption.requested:
+                save(i + 1)
+            if preemption.requested and i + 1 < steps:
+                ckpt.wait()
+                writer.close()
+                progress.close()
+                log.warning("stopped by SIGTERM after step %d of %d; checkpoint %s. Run the same command "
+                            "again to resume.", i + 1, steps, run_dir.path("checkpoints", str(i + 1)))
+                raise SystemExit(Preemption.EXIT_CODE)
+    finally:
+        ckpt.wait()
+    ckpt.close()
+    summary["after_rl"] = evaluator.run(state.params, tag="after_rl", step=steps, writer=writer)
+    export.export_model_dir(model_config, state.params, tokenizer, image_config, run_dir.local("model"),
+                            prompt=config.rl.prompt)
+    run_dir.publish("model")
+    summary["model_dir"] = run_dir.path("model")
+    plots = logs.plot_training(run_dir.local_root, summary)
+    for path in plots:
+        run_dir.publish(os.path.basename(path))
+    summary["plots"] = [run_dir.path(os.path.basename(p)) for p in plots]
+    writer.close()
+    run_dir.write_text("summary.json", json.dumps(summary, indent=2, default=float))
+    logs.print_summary(summary)
+    return summary
