@@ -112,7 +112,7 @@ def _struct(shape, dtype):
 class Setup:
     """The run's state as abstract sharded arrays on `mesh`: master params and optimizer state
     (`param_dtype`), and in the compute dtype the frozen reference model and the policy copy that
-    rollouts and scoring read (train.rl_iteration's model_setup.compute_params; the masters
+    rollouts and scoring read (training.loop.rl_iteration's model_setup.compute_params; the masters
     themselves when the dtypes agree)."""
 
     def __init__(self, config: ModelConfig, rl: step.RLConfig, mesh, param_dtype, *, eos_token_ids, pad_token_id,
