@@ -228,6 +228,10 @@ def update_batch(setup: Setup, sizes: Sizes) -> step.RLBatch:
     images = rows // sizes.samples * sizes.images_per_prompt
     inputs = setup.inputs(rows, sizes.prompt_len + sizes.response_len, images, sizes.patches)
     inputs = jax.tree.map(lambda x: _struct(lead + x.shape, x.dtype), inputs)  # sharded below, as the step does
+    if not flat and inputs.vision is not None:  # MicroBatchedStep.split ships pixels in the compute dtype
+        vis = inputs.vision
+        inputs = inputs._replace(vision=vis._replace(pixel_values=_struct(vis.pixel_values.shape,
+                                                                          setup.config.compute_dtype)))
     per_token = _struct(lead + (rows, sizes.response_len), jnp.float32)
     batch = step.RLBatch(inputs, per_token, per_token, _struct(lead + (rows,), jnp.float32), per_token, per_token,
                          per_token, per_token, per_token, per_token)

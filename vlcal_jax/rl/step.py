@@ -358,13 +358,17 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
 
 def batch_shardings(batch, mesh, micro: bool = False):
     """Rows split over ("data", "fsdp") where they divide evenly; position_ids carry the batch
-    on axis 1; vision arrays split over images; anything else is replicated. `micro`: leaves have
-    a leading micro-batch axis (rl.microbatch.split), which stays whole."""
+    on axis 1; vision arrays split over images, or over patches when the images do not divide
+    (one 4 MP image per micro-batch: its float32 pixels are 100 MB, which every chip would hold
+    for every micro-batch); anything else is replicated. `micro`: leaves have a leading
+    micro-batch axis (rl.microbatch.split), which stays whole."""
     size = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def one(path, leaf):
         name = parallel.path_str(path)
         axis = (1 if name.endswith("position_ids") else 0) + int(micro)
+        if ".vision/" in name and leaf.ndim > axis + 1 and leaf.shape[axis] % size and not leaf.shape[axis + 1] % size:
+            axis += 1
         if leaf.ndim <= axis or leaf.shape[axis] % size:
             return NamedSharding(mesh, P())
         spec = [None] * leaf.ndim
@@ -387,9 +391,16 @@ class MicroBatchedStep:
     def split(self, batch: RLBatch) -> RLBatch:
         from vlcal_jax.rl import microbatch
 
-        return microbatch.split(jax.tree.map(np.asarray, batch), self.rl.micro_batch_size,
-                                self.rl.samples_per_prompt, image_token_id=self.config.image_token_id,
-                                merge_unit=self.config.vision.merge_unit)
+        micro = microbatch.split(jax.tree.map(np.asarray, batch), self.rl.micro_batch_size,
+                                 self.rl.samples_per_prompt, image_token_id=self.config.image_token_id,
+                                 merge_unit=self.config.vision.merge_unit)
+        vis = micro.inputs.vision
+        if vis is None:
+            return micro
+        # pixels travel in the compute dtype, which the vision tower casts them to first thing:
+        # bfloat16 halves the batch and changes nothing
+        vis = vis._replace(pixel_values=vis.pixel_values.astype(self.config.compute_dtype))
+        return micro._replace(inputs=micro.inputs._replace(vision=vis))
 
     def jitted(self, state, micro_batches):
         """The jit for this (micro-batched) batch's shapes, with shardings on a mesh."""
