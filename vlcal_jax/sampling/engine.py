@@ -124,19 +124,25 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
                                 return_kv=True)
     last_logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, -1])  # [B', V]
     rows = real_rows + -real_rows % shards
-    prompt_of = jnp.minimum(jnp.arange(rows) // n, batch - 1)  # sample row -> its prompt
+
+    def per_row(x, axis=0):
+        """Prompt rows -> sample rows (then padding rows, copies of the last prompt). When the
+        prompts split evenly, a repeat: each chip's samples come from its own prompts."""
+        if batch % shards == 0:
+            return jnp.repeat(x, n, axis=axis)
+        return jnp.take(x, jnp.minimum(jnp.arange(rows) // n, batch - 1), axis=axis)
 
     cache_dtype = config.compute_dtype
     pad = [(0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0)]
     # [L, rows, KV, Tp + M, hd]: rows over the batch axes, KV heads over "tensor"
-    k = parallel.constrain(jnp.pad(kv[0].astype(cache_dtype)[:, prompt_of], pad), None, "batch", "tensor", None, None)
-    v = parallel.constrain(jnp.pad(kv[1].astype(cache_dtype)[:, prompt_of], pad), None, "batch", "tensor", None, None)
-    valid = jnp.pad((inputs.attention_mask > 0)[prompt_of], [(0, 0), (0, max_new_tokens)])
-    next_position = inputs.next_position[prompt_of]
+    k, v = (parallel.constrain(jnp.pad(per_row(a.astype(cache_dtype), axis=1), pad), None, "batch", "tensor", None,
+                               None) for a in kv)
+    valid = jnp.pad(per_row(inputs.attention_mask > 0), [(0, 0), (0, max_new_tokens)])
+    next_position = per_row(inputs.next_position)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
 
     rng, key = jax.random.split(rng)
-    token, slp, plp = _choose(last_logits[prompt_of], key, greedy, temperature, top_k, top_p, use_top_p)
+    token, slp, plp = _choose(per_row(last_logits), key, greedy, temperature, top_k, top_p, use_top_p)
     tokens = jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
     sample_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp)
     policy_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp)
