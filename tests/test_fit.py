@@ -90,10 +90,10 @@ def test_tiny_config_fits_v4_8_and_v5e_8(tmp_path):
 
 @needs_libtpu
 def test_too_large_a_micro_batch_exits_1_naming_one_that_fits(tmp_path):
-    # 256 responses in one pass with a 2^20-token vocabulary: the [rows, chunk, V] float32 logits
-    # of scoring and of the update need more than a v5e chip's 16 GiB
+    # 256 responses in one pass with a 2^22-token vocabulary: the [rows, chunk, V] float32 logits
+    # of scoring and of the update, 1/8 of the rows per chip, need more than a v5e chip's 16 GiB
     proc, records = _fit(tmp_path, "--topology=v5e-8", "--config.rl.prompts_per_step=128",
-                         "--config.model.init.vocab_size=1048576", "--config.data.max_images_per_prompt=0")
+                         "--config.model.init.vocab_size=4194304", "--config.data.max_images_per_prompt=0")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = records[0]
     assert not record["fits"] and record["memory"]["score"]["refused"], proc.stdout

@@ -1,11 +1,12 @@
-"""parallel: regex partition rules cover Qwen3-VL params exactly, spec fitting, mesh construction."""
+"""parallel: regex partition rules cover Qwen3-VL params exactly, spec fitting, mesh construction,
+activation constraints (logical dims -> the context mesh)."""
 
 import re
 
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import rl_utils as U
 from vlcal_jax import models, parallel
@@ -138,3 +139,30 @@ def test_shard_params_places_every_leaf_with_its_rule_spec():
                                         jax.tree_util.tree_flatten_with_path(params)[0]):
         assert leaf.sharding.spec == parallel.spec_for(parallel.path_str(path), leaf.shape, mesh)
         np.testing.assert_array_equal(np.asarray(leaf), value)
+
+
+def test_constrain_is_a_no_op_without_a_mesh():
+    x = np.zeros((16, 3, 6), np.float32)
+    assert parallel.constrain(x, "batch", None, "tensor") is x
+    assert parallel.shards("batch") == parallel.shards("tensor") == 1
+
+
+@pytest.mark.parametrize("shape, spec", [
+    ((16, 3, 6), P(("data", "fsdp"), None, "tensor")),
+    # 6 rows do not split 8 ways, 5 columns not 2 ways: left to XLA, not forced whole
+    ((6, 3, 5), P(P.UNCONSTRAINED, None, P.UNCONSTRAINED)),
+])
+def test_constrain_maps_logical_dims_to_the_context_mesh(shape, spec):
+    mesh = AbstractMesh((2, 4, 2), parallel.AXES, axis_types=(AxisType.Auto,) * 3)
+    with jax.sharding.use_abstract_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda x: parallel.constrain(x, "batch", None, "tensor"))(np.zeros(shape, np.float32))
+        assert parallel.shards("batch") == 8 and parallel.shards("tensor") == 2
+    (eqn,) = jaxpr.eqns
+    assert eqn.primitive.name == "sharding_constraint" and eqn.params["sharding"].spec == spec
+
+
+def test_constrain_drops_mesh_axes_of_size_one():
+    mesh = AbstractMesh((1, 8, 1), parallel.AXES, axis_types=(AxisType.Auto,) * 3)
+    with jax.sharding.use_abstract_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda x: parallel.constrain(x, "batch", "tensor"))(np.zeros((8, 5), np.float32))
+    assert jaxpr.eqns[0].params["sharding"].spec == P("fsdp", None)

@@ -6,7 +6,8 @@ The test runs this file as a script in a subprocess (the device count is fixed w
 
 Params placed by `parallel.shard_params` on meshes (data, fsdp, tensor) = 2x2x2 and 1x8x1, prompts
 split over (data, fsdp) by `generate(..., mesh=mesh)`: greedy and temperature-1 tokens equal
-the one-device run's and log-probs agree to 1e-5 (output placement is left to XLA). The
+the one-device run's and log-probs agree to 1e-5 (output placement is left to XLA). On 1x8x1
+also 3 prompts (6 sample rows), which the sampler pads to 8 rows to split its KV cache. The
 last stdout line is a JSON summary.
 """
 
@@ -21,6 +22,7 @@ MESHES = ((2, 2, 2), (1, 8, 1))
 PROMPTS, N, NEW = 8, 2, 12
 GRIDS = ((1, 4, 4), (1, 4, 6), (1, 2, 4), (1, 6, 4), (1, 2, 2), (1, 4, 4), (1, 2, 6))
 ROWS = ([0], [1], [], [2, 3], [4], [], [5], [6])
+FEW = 3  # prompts ROWS[:3], images GRIDS[:2]: rows that do not divide the batch shards
 
 
 def test_sharded_generate_equals_one_device():
@@ -30,7 +32,7 @@ def test_sharded_generate_equals_one_device():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(report) == {"x".join(map(str, m)) for m in MESHES}, report
+    assert set(report) == {"x".join(map(str, m)) for m in MESHES} | {"1x8x1/3prompts"}, report
 
 
 def _params(config, seed=0):
@@ -75,26 +77,29 @@ def main():
         image_token_id=H.IMAGE_TOKEN, video_token_id=H.VIDEO_TOKEN, vision_start_token_id=H.VISION_START,
         vision_end_token_id=H.VISION_END, tie_word_embeddings=False)
     params = _params(config)
-    batch = H.make_batch(np.random.default_rng(1), GRIDS, ROWS, patch_dim=config.vision.patch_dim)
+    batches = {"all": H.make_batch(np.random.default_rng(1), GRIDS, ROWS, patch_dim=config.vision.patch_dim),
+               "few": H.make_batch(np.random.default_rng(2), GRIDS[:2], ROWS[:FEW], patch_dim=config.vision.patch_dim)}
     runs = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0, rng=jax.random.key(7))}
 
-    def generate(p, mesh=None):
-        return {name: sampling.generate(config, p, *batch, max_new_tokens=NEW, n=N, mesh=mesh, **kw)
+    def generate(p, mesh=None, batch="all"):
+        return {name: sampling.generate(config, p, *batches[batch], max_new_tokens=NEW, n=N, mesh=mesh, **kw)
                 for name, kw in runs.items()}
 
-    ref = generate(jax.device_put(params, jax.devices()[0]))
-    assert len(set(np.asarray(ref["greedy"].tokens).ravel().tolist())) > 4, "degenerate greedy reference"
+    one = jax.device_put(params, jax.devices()[0])
+    refs = {"all": generate(one), "few": generate(one, batch="few")}
+    assert len(set(np.asarray(refs["all"]["greedy"].tokens).ravel().tolist())) > 4, "degenerate greedy reference"
     report = {}
-    for shape in MESHES:
-        name = "x".join(map(str, shape))
+    for shape, batch in [(m, "all") for m in MESHES] + [((1, 8, 1), "few")]:
+        name = "x".join(map(str, shape)) + ("/3prompts" if batch == "few" else "")
         mesh = parallel.make_mesh(*shape)
         sharded = parallel.shard_params(params, mesh)
         q = sharded["text"]["layers"]["attn"]["q_proj"]["kernel"]
         assert q.sharding.spec != P(None, None, None), (name, q.sharding)
-        out = generate(sharded, mesh)
+        out = generate(sharded, mesh, batch)
         errors = {}
         for run, ours in out.items():
-            theirs = ref[run]
+            theirs = refs[batch][run]
+            assert np.asarray(ours.tokens).shape == (len(batches[batch][0]) * N, NEW), (name, run)
             np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(theirs.tokens), err_msg=f"{name} {run}")
             np.testing.assert_array_equal(np.asarray(ours.lengths), np.asarray(theirs.lengths))
             for field in ("logprobs", "policy_logprobs"):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlcal_jax import processing, sampling
+from vlcal_jax import parallel, processing, sampling
 from vlcal_jax.data import scenes
 from vlcal_jax.eval import metrics as m
 from vlcal_jax.eval import plots
@@ -140,10 +140,11 @@ def generate_responses(config, params, tokenizer, image_config, examples: Sequen
                                             length_buckets=tuple(length_buckets))
         except ValueError as error:
             raise ValueError(f"examples {[ex.id for ex in chunk]}: {error}") from error
-        sample = sampling.generate_from_inputs(
-            config, params, batch.inputs, jax.random.fold_in(key, index), jnp.float32(temperature or 1.0),
-            jnp.float32(top_p), max_new_tokens=int(max_new_tokens), n=1, greedy=temperature == 0, top_k=0,
-            eos_token_ids=eos, pad_token_id=int(pad), use_top_p=top_p < 1.0)
+        with parallel.use_mesh(parallel.mesh_of(params)):  # rows split over the mesh the params are on
+            sample = sampling.generate_from_inputs(
+                config, params, batch.inputs, jax.random.fold_in(key, index), jnp.float32(temperature or 1.0),
+                jnp.float32(top_p), max_new_tokens=int(max_new_tokens), n=1, greedy=temperature == 0, top_k=0,
+                eos_token_ids=eos, pad_token_id=int(pad), use_top_p=top_p < 1.0)
         if pending is not None:
             collect(*pending)
         pending = (len(chunk), sample)

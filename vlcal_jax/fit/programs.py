@@ -166,18 +166,23 @@ class Setup:
 
     def kv_cache_bytes(self, sizes: Sizes) -> int:
         """This chip's KV cache in one generate call: [L, rows, KV, Tp + M, hd] keys and values in
-        the compute dtype, split over the batch axes when the rows divide them."""
+        the compute dtype, the rows (padded to a multiple of the batch shards, as the sampler pads
+        them) over the batch axes and the KV heads over "tensor" where they divide."""
         t = self.config.text
-        rows = sizes.rollout_batch * sizes.samples
-        total = (2 * t.num_hidden_layers * rows * t.num_key_value_heads * (sizes.prompt_len + sizes.response_len)
-                 * t.head_dim * self.config.compute_dtype.itemsize)
-        return total // self.batch_shards if rows % self.batch_shards == 0 else total
+        rows = -(-sizes.rollout_batch * sizes.samples // self.batch_shards)
+        tensor = self.mesh.shape["tensor"]
+        heads = t.num_key_value_heads // tensor if t.num_key_value_heads % tensor == 0 else t.num_key_value_heads
+        return (2 * t.num_hidden_layers * rows * heads * (sizes.prompt_len + sizes.response_len) * t.head_dim
+                * self.config.compute_dtype.itemsize)
 
 
-def _compile(name: str, lowered_fn, batch_bytes: int = 0) -> Compiled:
-    """Lowers and compiles; XLA's refusal to fit a program in HBM comes back as `error`."""
+def _compile(name: str, mesh, lowered_fn, batch_bytes: int = 0) -> Compiled:
+    """Lowers (under `mesh`, as the run traces it: the activation constraints apply) and
+    compiles; XLA's refusal to fit a program in HBM comes back as `error`."""
     try:
-        memory = lowered_fn().compile().memory_analysis()
+        with parallel.use_mesh(mesh):
+            lowered = lowered_fn()
+        memory = lowered.compile().memory_analysis()
     except Exception as e:  # XlaRuntimeError (RESOURCE_EXHAUSTED ...) is not importable by a stable name
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text:
@@ -201,7 +206,7 @@ def sampler(setup: Setup, sizes: Sizes) -> Compiled:
     prompts = sizes.rollout_batch
     inputs = setup.program_inputs(prompts, sizes.prompt_len, prompts * sizes.images_per_prompt, sizes.patches)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.replicated)
-    return _compile("sampler", lambda: sampling.generate_from_inputs.lower(
+    return _compile("sampler", setup.mesh, lambda: sampling.generate_from_inputs.lower(
         setup.config, setup.policy, inputs, setup.rng, scalar, scalar, max_new_tokens=sizes.response_len,
         n=sizes.samples, greedy=False, top_k=0, eos_token_ids=setup.eos_token_ids, pad_token_id=setup.pad_token_id,
         use_top_p=False))
@@ -214,8 +219,8 @@ def _response_inputs(setup: Setup, sizes: Sizes, rows: int) -> models.ModelInput
 
 def score(setup: Setup, sizes: Sizes) -> Compiled:
     inputs = _response_inputs(setup, sizes, sizes.micro_batch)
-    return _compile("score", lambda: step.score.lower(setup.config, setup.policy, setup.ref_params, inputs, setup.rng,
-                                                      rl=setup.rl, num_response=sizes.response_len))
+    return _compile("score", setup.mesh, lambda: step.score.lower(
+        setup.config, setup.policy, setup.ref_params, inputs, setup.rng, rl=setup.rl, num_response=sizes.response_len))
 
 
 def update_batch(setup: Setup, sizes: Sizes) -> step.RLBatch:
@@ -252,7 +257,7 @@ def update(setup: Setup, sizes: Sizes) -> Compiled:
         jitted = jax.jit(functools.partial(step._step, setup.config, rl, setup.optimizer), donate_argnums=0,
                          in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, batch), setup.replicated),
                          out_shardings=(state_shardings, setup.replicated))
-    return _compile("update", lambda: jitted.lower(setup.state, batch, setup.rng), shard_bytes(batch))
+    return _compile("update", setup.mesh, lambda: jitted.lower(setup.state, batch, setup.rng), shard_bytes(batch))
 
 
 PROGRAMS = {"sampler": sampler, "score": score, "update": update}

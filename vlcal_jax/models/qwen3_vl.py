@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlcal_jax import parallel
 from vlcal_jax.models import text, vision
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.models.positions import rope_index
@@ -85,7 +86,11 @@ def apply(config: ModelConfig, params, inputs: ModelInputs, *, return_hidden: bo
 def logits_from_hidden(config: ModelConfig, params, hidden):
     """hidden [..., D] -> logits float32 [..., V]."""
     kernel = text.lm_head_kernel(config, params)
-    return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    hidden = parallel.constrain(hidden, "batch", *[None] * (hidden.ndim - 1))
+    logits = jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    # rows over the batch axes, the vocabulary over "tensor": unpinned, XLA contracted the
+    # fsdp-split hidden dim and all-reduced whole [B, T, V] logits onto every chip
+    return parallel.constrain(logits, "batch", *[None] * (logits.ndim - 2), "tensor")
 
 
 apply_jit = jax.jit(apply, static_argnums=(0,), static_argnames=("return_hidden", "return_kv"))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlcal_jax import parallel
 from vlcal_jax.models import attention, layers
 from vlcal_jax.models.config import ModelConfig, TextConfig
 
@@ -58,11 +59,14 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
     """
     batch, length, _ = x.shape
     hd = config.head_dim
+    # the residual stream's rows over the batch axes (left to itself, XLA ran every row on every chip)
+    x = parallel.constrain(x, "batch", None, None)
     h = layers.rms_norm(x, p["input_norm"], config.rms_norm_eps)
     attn = p["attn"]
     q = layers.linear(h, attn["q_proj"]["kernel"], attn["q_proj"].get("bias")).reshape(batch, length, -1, hd)
     k = layers.linear(h, attn["k_proj"]["kernel"], attn["k_proj"].get("bias")).reshape(batch, length, -1, hd)
     v = layers.linear(h, attn["v_proj"]["kernel"], attn["v_proj"].get("bias")).reshape(batch, length, -1, hd)
+    q, k, v = (parallel.constrain(a, "batch", None, "tensor", None) for a in (q, k, v))  # heads over "tensor"
     q = layers.apply_rotary(layers.rms_norm(q, attn["q_norm"], config.rms_norm_eps), cos, sin)
     k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
@@ -82,6 +86,7 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
     h = layers.rms_norm(x, p["post_norm"], config.rms_norm_eps)
     mlp = p["mlp"]
     gate, up = layers.linear(h, mlp["gate_proj"]["kernel"]), layers.linear(h, mlp["up_proj"]["kernel"])
+    gate, up = (parallel.constrain(a, "batch", None, "tensor") for a in (gate, up))  # the inner dim over "tensor"
     if config.hidden_act == "silu":
         inner = layers.swiglu(gate, up)
     else:
@@ -92,7 +97,9 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
 
 def embed_tokens(config: ModelConfig, params, input_ids, image_index=None, image_embeds=None):
     """Token embeddings [B, T, D]; image pads take row image_index [B, T] of image_embeds [N, D]."""
-    x = params["text"]["embed"].astype(config.compute_dtype)[input_ids]
+    # the table is split over (vocab, hidden): pinning the rows makes XLA gather the table (FSDP)
+    # instead of resharding the looked-up [B, T, D] activations
+    x = parallel.constrain(params["text"]["embed"].astype(config.compute_dtype)[input_ids], "batch", None, None)
     if image_embeds is None:
         return x, None
     is_image = input_ids == config.image_token_id
@@ -117,6 +124,8 @@ def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=
     """
     tc = config.text
     n_ds = 0 if deepstack is None else deepstack.shape[0]
+    if n_ds:  # rows read any image's features: gathered onto every chip once, not in every layer
+        deepstack = parallel.constrain(deepstack, None, None, None)
 
     def add_deepstack(h, i):
         if not n_ds:

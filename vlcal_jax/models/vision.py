@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlcal_jax import parallel
 from vlcal_jax.models import attention, layers
 from vlcal_jax.models.config import VisionConfig
 
@@ -133,12 +134,20 @@ def _rotary(rope_hw, config: VisionConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
+def _split(images: int) -> tuple[str | None, str | None]:
+    """Logical dims of the [I, P] axes: images over the batch axes, or the patches when the image
+    count does not split over them (one image in a micro-batch of 8 rows on 8 chips)."""
+    return ("batch", None) if parallel.divides(images, "batch") else (None, "batch")
+
+
 def _block(config: VisionConfig, p, x, cos, sin, patch_valid, attention_impl: str = "xla"):
     """x [I, P, Dv], patch_valid bool [I, P]: each image attends within itself, to its real patches."""
     heads, dim = config.num_heads, config.head_dim
+    split = _split(x.shape[0])
+    x = parallel.constrain(x, *split, None)
     h = layers.layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"], config.layer_norm_eps)
     qkv = layers.linear(h, p["attn"]["qkv"]["kernel"], p["attn"]["qkv"]["bias"])
-    qkv = qkv.reshape(x.shape[:2] + (3, heads, dim))
+    qkv = parallel.constrain(qkv.reshape(x.shape[:2] + (3, heads, dim)), *split, None, "tensor", None)
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin).swapaxes(1, 2)
     v = qkv[:, :, 2].swapaxes(1, 2)
@@ -146,8 +155,8 @@ def _block(config: VisionConfig, p, x, cos, sin, patch_valid, attention_impl: st
     x = x + layers.linear(attn.reshape(x.shape), p["attn"]["proj"]["kernel"], p["attn"]["proj"]["bias"])
     h = layers.layer_norm(x, p["norm2"]["scale"], p["norm2"]["bias"], config.layer_norm_eps)
     act = layers.activation(config.hidden_act)
-    h = layers.linear(act(layers.linear(h, p["mlp"]["fc1"]["kernel"], p["mlp"]["fc1"]["bias"])),
-                      p["mlp"]["fc2"]["kernel"], p["mlp"]["fc2"]["bias"])
+    inner = parallel.constrain(layers.linear(h, p["mlp"]["fc1"]["kernel"], p["mlp"]["fc1"]["bias"]), *split, "tensor")
+    h = layers.linear(act(inner), p["mlp"]["fc2"]["kernel"], p["mlp"]["fc2"]["bias"])
     return x + h
 
 
@@ -159,8 +168,10 @@ def _merger(config: VisionConfig, p, x, postshuffle: bool):
         x = layers.layer_norm(x.reshape(shape), p["norm"]["scale"], p["norm"]["bias"], config.layer_norm_eps)
     else:
         x = layers.layer_norm(x, p["norm"]["scale"], p["norm"]["bias"], config.layer_norm_eps).reshape(shape)
-    x = jax.nn.gelu(layers.linear(x, p["fc1"]["kernel"], p["fc1"]["bias"]), approximate=False)
-    return layers.linear(x, p["fc2"]["kernel"], p["fc2"]["bias"])
+    split = _split(x.shape[0])
+    x = jax.nn.gelu(parallel.constrain(layers.linear(x, p["fc1"]["kernel"], p["fc1"]["bias"]), *split, "tensor"),
+                    approximate=False)
+    return parallel.constrain(layers.linear(x, p["fc2"]["kernel"], p["fc2"]["bias"]), *split, None)
 
 
 def _slice_layers(tree, start, stop):
@@ -173,6 +184,7 @@ def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.f
     image i's j-th merged token is row i * P/m^2 + j."""
     x = layers.linear(inputs.pixel_values.astype(dtype), params["patch_embed"]["kernel"],
                       params["patch_embed"]["bias"])
+    x = parallel.constrain(x, *_split(x.shape[0]), None)  # the pixel rows split as the batch is
     pos = params["pos_embed"].astype(dtype)[inputs.interp_index]  # [I, P, 4, Dv]
     x = x + jnp.sum(pos * inputs.interp_weight[..., None].astype(dtype), axis=2)
     cos, sin = _rotary(inputs.rope_hw, config)

@@ -2,8 +2,9 @@
 
 The mesh uses `AxisType.Auto` on purpose: parameters and batches carry explicit
 `NamedSharding`s, the compiled steps get explicit in/out shardings, and XLA's SPMD
-partitioner propagates the rest through the model, which stays free of sharding
-annotations (the jit-with-shardings style that replaced pjit).
+partitioner propagates the rest through the model (the jit-with-shardings style that
+replaced pjit), guided by a few activation constraints (parallel.activations: left alone,
+it replicated the activations, so every chip did all of the work).
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from vlcal_jax import parallel
+
 LOG_EPS = 1e-8  # eps inside log(KL + eps) - log(H + eps), PAPER.md section 4.
 STD_FLOOR = 1e-6  # a z-score whose std is below this is 0 (sections 4 and 5).
 SAMPLED_CLAMP = 10.0  # the released code clamps sampled KL estimators to [0, 10].
@@ -224,8 +226,10 @@ def chunked_token_stats(
         hidden_pert = hidden_pert[None]
     length = hidden_clean.shape[1]
 
-    def logits_of(hidden):
-        return jnp.einsum("bcd,dv->bcv", hidden, lm_head, precision=precision, preferred_element_type=jnp.float32)
+    def logits_of(hidden):  # rows over the batch axes, as qwen3_vl.logits_from_hidden keeps them
+        hidden = parallel.constrain(hidden, "batch", None, None)
+        logits = jnp.einsum("bcd,dv->bcv", hidden, lm_head, precision=precision, preferred_element_type=jnp.float32)
+        return parallel.constrain(logits, "batch", None, "tensor")
 
     def one_chunk(args):
         h_clean, h_pert, tgt = args

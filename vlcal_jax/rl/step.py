@@ -105,7 +105,10 @@ def response_hidden(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, n
 
 
 def _head_logits(hidden, kernel):
-    return jnp.einsum("ncd,dv->ncv", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    """[N, C, D] -> float32 [N, C, V], the rows kept over the batch axes (see qwen3_vl.logits_from_hidden)."""
+    hidden = parallel.constrain(hidden, "batch", None, None)
+    logits = jnp.einsum("ncd,dv->ncv", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return parallel.constrain(logits, "batch", None, "tensor")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -419,18 +422,21 @@ class MicroBatchedStep:
 
     def lower(self, state, batch, rng):
         micro = self.split(batch)
-        return self.jitted(state, micro).lower(state, micro, rng)
+        with parallel.use_mesh(self.mesh):
+            return self.jitted(state, micro).lower(state, micro, rng)
 
     def __call__(self, state, batch, rng):
         micro = self.split(batch)
-        return self.jitted(state, micro)(state, micro, rng)
+        with parallel.use_mesh(self.mesh):  # the model's activation constraints apply under the mesh
+            return self.jitted(state, micro)(state, micro, rng)
 
 
 def make_train_step(config: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransformation, mesh=None):
     """`train_step(state, batch, rng) -> (state, metrics)`: one jit, state donated. With a mesh,
     the step is compiled with explicit in/out shardings (state as it is sharded, batch rows
-    over ("data", "fsdp"), metrics replicated). With rl.micro_batch_size > 0 the update scans
-    micro-batches inside that one jit (MicroBatchedStep)."""
+    over ("data", "fsdp"), metrics replicated) and traced under the mesh, so the model's
+    activations are split like the batch (parallel.constrain). With rl.micro_batch_size > 0 the
+    update scans micro-batches inside that one jit (MicroBatchedStep)."""
     if rl.micro_batch_size:
         return MicroBatchedStep(config, rl, optimizer, mesh)
     step = functools.partial(_step, config, rl, optimizer)
@@ -445,6 +451,7 @@ def make_train_step(config: ModelConfig, rl: RLConfig, optimizer: optax.Gradient
             compiled[key] = jax.jit(step, donate_argnums=0,
                                     in_shardings=(state_sh, batch_shardings(batch, mesh), parallel.replicated(mesh)),
                                     out_shardings=(state_sh, parallel.replicated(mesh)))
-        return compiled[key](state, batch, rng)
+        with parallel.use_mesh(mesh):  # the model's activation constraints apply under the mesh
+            return compiled[key](state, batch, rng)
 
     return train_step

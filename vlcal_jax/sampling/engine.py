@@ -3,7 +3,9 @@
 KV cache memory (per generate call, compute dtype bytes `s`):
     2 * num_layers * (B * n) * (T_prompt + max_new_tokens) * num_kv_heads * head_dim * s
 e.g. Qwen3-VL-4B (36 layers, 8 KV heads, head_dim 128), bf16, one prompt x 8 samples x
-(1024 + 4096) tokens: 2*36*8*5120*8*128*2 = 6.0 GB; see README "Sampling memory".
+(1024 + 4096) tokens: 2*36*8*5120*8*128*2 = 6.0 GB; see README "Sampling memory". Under a mesh
+each chip holds 1 / (data * fsdp) of the rows (B * n padded to a multiple of that) and, where
+num_kv_heads divides it, 1 / tensor of the heads.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlcal_jax import parallel
 from vlcal_jax.models import qwen3_vl, text
 from vlcal_jax.models.config import ModelConfig
 
@@ -106,28 +109,44 @@ def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p
 def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temperature, top_p, *,
                          max_new_tokens: int, n: int, greedy: bool, top_k: int, eos_token_ids: tuple[int, ...],
                          pad_token_id: int, use_top_p: bool = True) -> SampleOutput:
-    """The whole rollout as one compiled program (see `generate` for the arguments)."""
+    """The whole rollout as one compiled program (see `generate` for the arguments). Traced
+    under `parallel.use_mesh(mesh)`, its rows and KV cache are split over the mesh."""
     qwen3_vl.check_inputs(config, inputs)
     batch, prompt_len = inputs.input_ids.shape
-    rows = batch * n
+    real_rows = batch * n
     total = prompt_len + max_new_tokens
-    hidden, kv = qwen3_vl.apply(config, params, inputs, return_hidden=True, return_kv=True)
-    last_logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, -1])  # [B, V]
+    # Prompts and sample rows are padded to a multiple of the batch shards (1 without a mesh), so
+    # the prefill and the KV cache split over the batch axes whatever the prompt count; padding
+    # rows come last, are done from the start and are stripped from the outputs (the real rows'
+    # random draws are the leading ones of the same key: unchanged).
+    shards = parallel.shards("batch")
+    hidden, kv = qwen3_vl.apply(config, params, pad_rows(inputs, -batch % shards), return_hidden=True,
+                                return_kv=True)
+    last_logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, -1])  # [B', V]
+    rows = real_rows + -real_rows % shards
+
+    def per_row(x, axis=0):
+        """Prompt rows -> sample rows (then padding rows, copies of the last prompt). When the
+        prompts split evenly, a repeat: each chip's samples come from its own prompts."""
+        if batch % shards == 0:
+            return jnp.repeat(x, n, axis=axis)
+        return jnp.take(x, jnp.minimum(jnp.arange(rows) // n, batch - 1), axis=axis)
 
     cache_dtype = config.compute_dtype
     pad = [(0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0)]
-    k = jnp.pad(jnp.repeat(kv[0].astype(cache_dtype), n, axis=1), pad)
-    v = jnp.pad(jnp.repeat(kv[1].astype(cache_dtype), n, axis=1), pad)
-    valid = jnp.pad(jnp.repeat(inputs.attention_mask > 0, n, axis=0), [(0, 0), (0, max_new_tokens)])
-    next_position = jnp.repeat(inputs.next_position, n)
+    # [L, rows, KV, Tp + M, hd]: rows over the batch axes, KV heads over "tensor"
+    k, v = (parallel.constrain(jnp.pad(per_row(a.astype(cache_dtype), axis=1), pad), None, "batch", "tensor", None,
+                               None) for a in kv)
+    valid = jnp.pad(per_row(inputs.attention_mask > 0), [(0, 0), (0, max_new_tokens)])
+    next_position = per_row(inputs.next_position)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
 
     rng, key = jax.random.split(rng)
-    token, slp, plp = _choose(jnp.repeat(last_logits, n, axis=0), key, greedy, temperature, top_k, top_p, use_top_p)
+    token, slp, plp = _choose(per_row(last_logits), key, greedy, temperature, top_k, top_p, use_top_p)
     tokens = jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
     sample_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp)
     policy_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp)
-    done = jnp.isin(token, eos)
+    done = jnp.isin(token, eos) | (jnp.arange(rows) >= real_rows)
     lengths = jnp.ones((rows,), jnp.int32)
 
     def cond(state):
@@ -143,6 +162,7 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
         cos, sin = text.mrope_cos_sin(pos, config.text)
         hidden, (k, v) = text.decoder(config, params, x, cos, sin, valid_now,
                                       cache=text.KVCache(k, v, valid_now), write_index=write)
+        k, v = (parallel.constrain(a, None, "batch", "tensor", None, None) for a in (k, v))
         logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, 0])
         rng, key = jax.random.split(rng)
         token, slp, plp = _choose(logits, key, greedy, temperature, top_k, top_p, use_top_p)
@@ -159,7 +179,21 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
     _, tokens, sample_lps, policy_lps, _, _, done, lengths, _ = jax.lax.while_loop(cond, body, state)
     global _programs_traced
     _programs_traced += 1  # a completed trace; this line does not run when the compiled program does
-    return SampleOutput(tokens, sample_lps, policy_lps, lengths, done)
+    return SampleOutput(*(x[:real_rows] for x in (tokens, sample_lps, policy_lps, lengths, done)))
+
+
+def pad_rows(inputs: qwen3_vl.ModelInputs, extra: int) -> qwen3_vl.ModelInputs:
+    """`inputs` with `extra` all-padding prompt rows appended (no attention, image row 0); the
+    images are left as they are (the vision tower splits them by itself)."""
+    if not extra:
+        return inputs
+
+    def rows(x, axis=0):
+        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+
+    return inputs._replace(input_ids=rows(inputs.input_ids), attention_mask=rows(inputs.attention_mask),
+                           position_ids=rows(inputs.position_ids, axis=1), next_position=rows(inputs.next_position),
+                           image_index=rows(inputs.image_index))
 
 
 def bucket_length(length: int, buckets=DEFAULT_LENGTH_BUCKETS) -> int:
@@ -206,10 +240,11 @@ def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_value
     rng = jax.random.key(0) if rng is None else rng
     greedy = temperature == 0
     before = compile_count()
-    out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
-                               max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
-                               eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id,
-                               use_top_p=top_p < 1.0)
+    with parallel.use_mesh(mesh if mesh is not None else parallel.mesh_of(params)):
+        out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
+                                   max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
+                                   eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id,
+                                   use_top_p=top_p < 1.0)
     if compile_count() > before:
         log.info("compiled generate: batch=%d length=%d patches=%s n=%d max_new_tokens=%d (%d programs)",
                  inputs.input_ids.shape[0], inputs.input_ids.shape[1],
@@ -222,8 +257,6 @@ def shard_inputs(inputs: qwen3_vl.ModelInputs, mesh) -> qwen3_vl.ModelInputs:
     """Places prompt rows over ("data", "fsdp") where they divide evenly (position_ids carry the
     batch on axis 1); vision rows are split over images the same way; the rest is replicated."""
     from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from vlcal_jax import parallel
 
     size = mesh.shape["data"] * mesh.shape["fsdp"]
 

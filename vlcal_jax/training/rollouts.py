@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlcal_jax import sampling
+from vlcal_jax import parallel, sampling
 from vlcal_jax.rl import microbatch, rollout, step
 
 
@@ -53,11 +53,13 @@ def generate(config, policy, prompt_inputs, rng, *, prompts_per_chunk: int, samp
         prompt_inputs, per_prompt = microbatch.regular_images(
             prompt_inputs, prompts, 1, image_token_id=config.image_token_id, merge_unit=config.vision.merge_unit)
 
+    sample_fn = _under_mesh(sampling.generate_from_inputs, parallel.mesh_of(policy))
+
     def dispatch(c):
         inputs = prompt_inputs if chunks == 1 else microbatch.take_prompts(
             prompt_inputs, c * size, (c + 1) * size, 1, per_prompt, merge_unit=config.vision.merge_unit)
         key = rng if chunks == 1 else jax.random.fold_in(rng, c)
-        return sampling.generate_from_inputs(
+        return sample_fn(
             config, policy, inputs, key, jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
             n=samples, greedy=False, top_k=0, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
             use_top_p=top_p < 1.0)
@@ -80,8 +82,9 @@ def score(config, policy, ref_params, seq, rng, *, rl: step.RLConfig, num_respon
     """step.score over micro-batches of rl.micro_batch_size rows -> per-token statistics [N, M] (host)."""
     rows = np.asarray(seq.input_ids).shape[0]
     size = chunk_size(rows, rl.micro_batch_size, "rl.micro_batch_size", rl.samples_per_prompt)
+    score_fn = _under_mesh(step.score, parallel.mesh_of(policy))
     if size == rows:
-        stats = step.score(config, policy, ref_params, seq, rng, rl=rl, num_response=num_response)
+        stats = score_fn(config, policy, ref_params, seq, rng, rl=rl, num_response=num_response)
         return {k: np.asarray(v) for k, v in stats.items()}
     n = rl.samples_per_prompt
     seq, per_prompt = microbatch.regular_images(seq, rows // n, n, image_token_id=config.image_token_id,
@@ -90,6 +93,16 @@ def score(config, policy, ref_params, seq, rng, *, rl: step.RLConfig, num_respon
     for i, start in enumerate(range(0, rows // n, size // n)):
         micro = microbatch.take_prompts(seq, start, start + size // n, n, per_prompt,
                                         merge_unit=config.vision.merge_unit)
-        parts.append(step.score(config, policy, ref_params, micro, jax.random.fold_in(rng, i), rl=rl,
-                                num_response=num_response))
+        parts.append(score_fn(config, policy, ref_params, micro, jax.random.fold_in(rng, i), rl=rl,
+                              num_response=num_response))
     return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+def _under_mesh(fn, mesh):
+    """`fn` called under `parallel.use_mesh(mesh)`, the mesh the policy is sharded on: traced
+    there, the sampler's and scoring's activations split over it (None: `fn` as it is)."""
+    def call(*args, **kwargs):
+        with parallel.use_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
