@@ -332,13 +332,20 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
     num_tokens = jnp.sum(response).astype(jnp.float32)
     num_pg_tokens = jnp.sum(pg_mask.astype(bool) & response).astype(jnp.float32)
     per_micro = jax.tree.map(lambda x: x.reshape((k, -1) + x.shape[1:]), (effective, pg_mask))
+    # Each micro-batch is differentiated at the compute-dtype copy of the masters (what the
+    # sampler and scoring ran): a matmul's weight gradient is a compute-dtype value either way,
+    # so for bfloat16 compute this holds every micro-batch's gradients in bfloat16 (half of a
+    # float32 tree per chip) and gathers bfloat16 weights; they are summed over micro-batches in
+    # float32. With compute == param dtype it is the masters themselves.
+    policy = jax.tree.map(lambda p: p.astype(config.compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                          state.params)
 
     def body(carry, xs):
         grads, sums = carry
         micro, (eff, pg) = xs
         check_batch(config, micro)
         (loss, metrics), g = jax.value_and_grad(micro_loss, has_aux=True)(
-            state.params, config, rl, micro, eff, pg, num_tokens, num_pg_tokens)
+            policy, config, rl, micro, eff, pg, num_tokens, num_pg_tokens)
         local = jnp.sum(micro.response_mask.astype(jnp.float32))
         metrics = {**metrics, "loss": loss}
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
