@@ -49,7 +49,7 @@ def divides(size: int, logical: str) -> bool:
     return size % shards(logical) == 0
 
 
-def constrain(x: jax.Array, *dims: str | None) -> jax.Array:
+def constrain(x: jax.Array, *dims) -> jax.Array:
     """`x` with its layout pinned: one logical name (or None, or P.UNCONSTRAINED) per dimension of x.
 
     A no-op without a mesh in context. A logical name whose mesh axes do not divide its
@@ -66,13 +66,13 @@ def constrain(x: jax.Array, *dims: str | None) -> jax.Array:
         if name is None or name is P.UNCONSTRAINED:
             spec.append(name)
             continue
-        axes = tuple(a for a in LOGICAL[name] if sizes.get(a, 1) > 1)
-        if not axes:
+        split = axes(name)
+        if not split:
             spec.append(None)
-        elif size % math.prod(sizes[a] for a in axes):
+        elif size % math.prod(sizes[a] for a in split):
             spec.append(P.UNCONSTRAINED)
         else:
-            spec.append(axes if len(axes) > 1 else axes[0])
+            spec.append(split if len(split) > 1 else split[0])
     return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
