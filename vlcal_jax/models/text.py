@@ -97,9 +97,10 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
 
 def embed_tokens(config: ModelConfig, params, input_ids, image_index=None, image_embeds=None):
     """Token embeddings [B, T, D]; image pads take row image_index [B, T] of image_embeds [N, D]."""
-    # the table is split over (vocab, hidden): pinning the rows makes XLA gather the table (FSDP)
-    # instead of resharding the looked-up [B, T, D] activations
-    x = parallel.constrain(params["text"]["embed"].astype(config.compute_dtype)[input_ids], "batch", None, None)
+    # the table is split over (vocab, hidden): its hidden dim is gathered (FSDP) before the lookup,
+    # since rows looked up hidden-split cannot reach the batch split but by replicating them
+    table = parallel.constrain(params["text"]["embed"].astype(config.compute_dtype), "tensor", None)
+    x = parallel.constrain(table[input_ids], "batch", None, None)
     if image_embeds is None:
         return x, None
     is_image = input_ids == config.image_token_id

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from vlcal_jax import parallel
 from vlcal_jax.models import attention, layers
@@ -134,10 +135,14 @@ def _rotary(rope_hw, config: VisionConfig):
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def _split(images: int) -> tuple[str | None, str | None]:
+def _split(images: int):
     """Logical dims of the [I, P] axes: images over the batch axes, or the patches when the image
-    count does not split over them (one image in a micro-batch of 8 rows on 8 chips)."""
-    return ("batch", None) if parallel.divides(images, "batch") else (None, "batch")
+    count does not split over them (one image in a micro-batch of 8 rows on 8 chips). Patches split
+    over both "data" and "fsdp" would meet weights split over "fsdp" alone in the backward, a
+    reshard XLA can only do by replicating; there the layout is left to XLA."""
+    if parallel.divides(images, "batch"):
+        return "batch", None
+    return (None, "batch") if len(parallel.axes("batch")) <= 1 else (P.UNCONSTRAINED, P.UNCONSTRAINED)
 
 
 def _block(config: VisionConfig, p, x, cos, sin, patch_valid, attention_impl: str = "xla"):

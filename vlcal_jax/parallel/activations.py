@@ -32,6 +32,12 @@ def _axis_sizes() -> dict[str, int]:
     return {} if mesh.empty else dict(mesh.shape)
 
 
+def axes(logical: str) -> tuple[str, ...]:
+    """The context mesh's axes (of size > 1) that a `logical` dimension is split over."""
+    sizes = _axis_sizes()
+    return tuple(a for a in LOGICAL[logical] if sizes.get(a, 1) > 1)
+
+
 def shards(logical: str) -> int:
     """How many pieces the context mesh splits a `logical` dimension into (1 without a mesh)."""
     sizes = _axis_sizes()
@@ -43,8 +49,8 @@ def divides(size: int, logical: str) -> bool:
     return size % shards(logical) == 0
 
 
-def constrain(x: jax.Array, *dims: str | None) -> jax.Array:
-    """`x` with its layout pinned: one logical name (or None) per dimension of x.
+def constrain(x: jax.Array, *dims) -> jax.Array:
+    """`x` with its layout pinned: one logical name (or None, or P.UNCONSTRAINED) per dimension of x.
 
     A no-op without a mesh in context. A logical name whose mesh axes do not divide its
     dimension leaves that dimension to XLA (P.UNCONSTRAINED) rather than forcing it whole, as
@@ -57,16 +63,16 @@ def constrain(x: jax.Array, *dims: str | None) -> jax.Array:
         raise ValueError(f"constrain: {len(dims)} logical dims {dims} for an array of shape {x.shape}")
     spec = []
     for size, name in zip(x.shape, dims):
-        if name is None:
-            spec.append(None)
+        if name is None or name is P.UNCONSTRAINED:
+            spec.append(name)
             continue
-        axes = tuple(a for a in LOGICAL[name] if sizes.get(a, 1) > 1)
-        if not axes:
+        split = axes(name)
+        if not split:
             spec.append(None)
-        elif size % math.prod(sizes[a] for a in axes):
+        elif size % math.prod(sizes[a] for a in split):
             spec.append(P.UNCONSTRAINED)
         else:
-            spec.append(axes if len(axes) > 1 else axes[0])
+            spec.append(split if len(split) > 1 else split[0])
     return jax.lax.with_sharding_constraint(x, P(*spec))
 
 

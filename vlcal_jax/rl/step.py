@@ -368,16 +368,17 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
 
 def batch_shardings(batch, mesh, micro: bool = False):
     """Rows split over ("data", "fsdp") where they divide evenly; position_ids carry the batch
-    on axis 1; vision arrays split over images, or over patches when the images do not divide
-    (one 4 MP image per micro-batch: its float32 pixels are 100 MB, which every chip would hold
-    for every micro-batch); anything else is replicated. `micro`: leaves have a leading
+    on axis 1; vision arrays split over images, or over patches where the images do not divide
+    and one batch axis is used (one image in a micro-batch of 8 rows: as the vision tower splits
+    it, see models.vision._split); anything else is replicated. `micro`: leaves have a leading
     micro-batch axis (rl.microbatch.split), which stays whole."""
     size = mesh.shape["data"] * mesh.shape["fsdp"]
+    patches_split = min(mesh.shape["data"], mesh.shape["fsdp"]) == 1
 
     def one(path, leaf):
         name = parallel.path_str(path)
         axis = (1 if name.endswith("position_ids") else 0) + int(micro)
-        if ".vision/" in name and leaf.ndim > axis + 1 and leaf.shape[axis] % size and not leaf.shape[axis + 1] % size:
+        if ".vision/" in name and patches_split and leaf.ndim > axis + 1 and leaf.shape[axis] % size:
             axis += 1
         if leaf.ndim <= axis or leaf.shape[axis] % size:
             return NamedSharding(mesh, P())
