@@ -104,9 +104,8 @@ def _attention_case(seed, causal, heads, kv_heads, t, s):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 3)])
-@pytest.mark.parametrize("block_q,block_k", [(4, 4), (5, 3), (16, 16), (3, 7)])
-def test_blockwise_attention_equals_dense_softmax_attention(causal, heads, kv_heads, block_q, block_k):
+@pytest.mark.parametrize("block_q,block_k,heads,kv_heads", [(4, 4, 4, 2), (5, 3, 3, 3), (16, 16, 4, 2), (3, 7, 3, 3)])
+def test_blockwise_attention_equals_dense_softmax_attention(causal, block_q, block_k, heads, kv_heads):
     """Tiles that divide the lengths and tiles that do not (the padded tail), square and not
     (the causal tile skip's bounds), GQA and plain multi-head: outputs on every row that sees a
     key and all three gradients equal autodiff of dense softmax attention (float64)."""
