@@ -31,7 +31,8 @@ NAMED = {"ablations.py": "ABLATIONS", "baselines.py": "BASELINES"}
 # configs that train a released checkpoint (data.kind "records": no scene texts to fit a tokenizer
 # on), and the checkpoint their docstring names; its config.json is written here when
 # model.path does not exist on this machine
-CHECKPOINTS = {"tpu_v4.py": "Qwen3-VL-4B-Instruct", "tpu_v5e.py": "Qwen3-VL-4B-Instruct"}
+CHECKPOINTS = {"tpu_v4.py": "Qwen3-VL-4B-Instruct", "tpu_v5e.py": "Qwen3-VL-4B-Instruct",
+               "tpu_v5p.py": "Qwen3-VL-4B-Instruct", "tpu_v5p_8b.py": "Qwen3-VL-8B-Instruct"}
 # Qwen/Qwen3-VL-4B-Instruct's published config.json (transformers 4.57 layout), architecture fields
 QWEN3_VL_4B = {
     "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "image_token_id": 151655,
@@ -47,7 +48,15 @@ QWEN3_VL_4B = {
                       "out_hidden_size": 2560, "num_position_embeddings": 2304,
                       "deepstack_visual_indexes": [5, 11, 17], "hidden_act": "gelu_pytorch_tanh"},
 }
-CHECKPOINT_CONFIGS = {"Qwen3-VL-4B-Instruct": QWEN3_VL_4B}
+# Qwen/Qwen3-VL-8B-Instruct's: the 4B's with these text / vision widths and untied embeddings
+QWEN3_VL_8B = {**QWEN3_VL_4B, "tie_word_embeddings": False,
+               "text_config": {**QWEN3_VL_4B["text_config"], "hidden_size": 4096, "intermediate_size": 12288},
+               "vision_config": {**QWEN3_VL_4B["vision_config"], "depth": 27, "hidden_size": 1152,
+                                 "intermediate_size": 4304, "out_hidden_size": 4096,
+                                 "deepstack_visual_indexes": [8, 16, 24]}}
+CHECKPOINT_CONFIGS = {"Qwen3-VL-4B-Instruct": QWEN3_VL_4B, "Qwen3-VL-8B-Instruct": QWEN3_VL_8B}
+# parameter counts of the released checkpoints (bounds)
+PARAMETERS = {"Qwen3-VL-4B-Instruct": (4.0e9, 4.9e9), "Qwen3-VL-8B-Instruct": (8.0e9, 9.2e9)}
 
 
 def load(file):
@@ -88,7 +97,8 @@ def sub_dicts(config, prefix=""):
 
 def test_every_file_is_covered():
     files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXPERIMENTS, "*.py")))
-    assert {"ablations.py", "baselines.py", "cpu_demo.py", "tpu_v4.py", "tpu_v5e.py"} <= set(files)
+    assert {"ablations.py", "baselines.py", "cpu_demo.py", "tpu_v4.py", "tpu_v5e.py", "tpu_v5p.py",
+            "tpu_v5p_8b.py"} <= set(files)
     for file in files:
         parameters = inspect.signature(load(file).get_config).parameters
         if file in NAMED:
@@ -241,4 +251,5 @@ def test_builds_its_model_and_train_step_abstractly(variant, tmp_path):
         assert stats["k3"].shape == batch.response_mask.shape
         _BUILT[key] = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
     if variant.startswith("tpu_"):
-        assert 4.0e9 < _BUILT[key] < 4.9e9, _BUILT[key]  # Qwen3-VL-4B
+        low, high = PARAMETERS[CHECKPOINTS[variant.partition(":")[0]]]
+        assert low < _BUILT[key] < high, _BUILT[key]
