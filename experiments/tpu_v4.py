@@ -23,6 +23,7 @@ def get_config():
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
+    c.model.offload_reference = True  # the reference model's HBM is free during rollouts and the update
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.data.kind = "records"
     c.data.train_files = tuple(f for f in os.environ.get("VLCAL_TRAIN_FILES", "").split(",") if f)

@@ -134,3 +134,14 @@ def test_largest_fitting_halves_when_xla_gives_no_size():
     refused = float("inf")
     found = memory.largest_fitting(256, refused, [128, 64, 32, 16, 8], lambda s: refused if s > 16 else s, 100, 4)
     assert found == 16
+
+
+def test_offloaded_reference_counts_only_while_scoring():
+    """model.offload_reference keeps the reference model in host memory except during scoring:
+    fit counts its HBM in the score column only."""
+    from vlcal_jax.fit import memory
+
+    kept = memory.Resident(params=10, optimizer=20, reference=5, policy=3)
+    offloaded = memory.Resident(params=10, optimizer=20, reference=5, policy=3, offload_reference=True)
+    assert [kept.total(p) for p in ("sampler", "score", "update")] == [38, 38, 35]
+    assert [offloaded.total(p) for p in ("sampler", "score", "update")] == [33, 38, 30]

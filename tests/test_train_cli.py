@@ -71,6 +71,22 @@ def test_same_seed_same_metrics_bit_for_bit(first_run, tmp_path):
     assert strip(rl_rows(tmp_path / "b")) == strip(rl_rows(workdir))
 
 
+def test_reference_model_in_host_memory_changes_nothing(first_run, tmp_path, monkeypatch):
+    """model.offload_reference: the frozen reference lives in pinned host memory and is copied to
+    the device for each scoring pass; the metrics are the on-device run's, bit for bit."""
+    from vlcal_jax.training import model_setup
+
+    kinds = []
+    real = model_setup.to_memory
+    monkeypatch.setattr(model_setup, "to_memory", lambda tree, kind: kinds.append(kind) or real(tree, kind))
+    config = tiny_config(tmp_path / "offload")
+    config.model.offload_reference = True
+    loop.run(config)
+    assert kinds == ["pinned_host", "device", "device"]  # once at start, then once per RL step
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(rl_rows(tmp_path / "offload")) == strip(rl_rows(first_run[0]))
+
+
 def test_resume_continues_and_skips_a_corrupt_checkpoint(first_run, tmp_path):
     workdir, _ = first_run
     resumed = tmp_path / "c"

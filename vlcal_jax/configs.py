@@ -24,6 +24,9 @@ def default_config() -> ml_collections.ConfigDict:
     # attention kernel: "auto" (Pallas splash on TPU where the shapes allow, else the pure-JAX
     # dense / blockwise kernels), "xla" (always pure JAX), "splash" (always; interpret mode off TPU)
     c.model.attention_impl = "auto"
+    # keep the frozen reference model in host memory (pinned_host) between scoring calls: its HBM
+    # is free during rollouts and the update, for one host-to-device copy per RL step
+    c.model.offload_reference = False
     # used only when model.path is empty: a small Qwen3-VL-architecture model trained from scratch
     c.model.init = ml_collections.ConfigDict(dict(
         vocab_size=600, tie_word_embeddings=True,

@@ -87,7 +87,8 @@ def fit(config, name: str, compiles: int) -> dict:
     sizes = plan.sizes(config, model.config)
     setup = programs.Setup(model.config, loop.rl_config(config, model.config.image_processor), mesh,
                            config.model.param_dtype, eos_token_ids=model.eos_token_ids,
-                           pad_token_id=model.pad_token_id, shard_inputs=_SHARD_INPUTS.value)
+                           pad_token_id=model.pad_token_id, shard_inputs=_SHARD_INPUTS.value,
+                           offload_reference=config.model.offload_reference)
     hbm, gib = tpu.chip.hbm_bytes, topology.GIB
     live = {p: memory.measure(setup, sizes, p) for p in report.PROGRAMS}
     record = {"topology": tpu.name, "chips": tpu.num_chips, "hbm_bytes": hbm, "model": model.source,

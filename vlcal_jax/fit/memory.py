@@ -28,18 +28,23 @@ class Resident:
     optimizer: int
     reference: int
     policy: int
+    offload_reference: bool = False
 
     @classmethod
     def of(cls, setup: Setup) -> "Resident":
         return cls(programs.shard_bytes(setup.params), programs.shard_bytes((setup.state.step, setup.opt_state)),
                    programs.shard_bytes(setup.ref_params),
-                   programs.shard_bytes(setup.policy) if setup.separate_policy else 0)
+                   programs.shard_bytes(setup.policy) if setup.separate_policy else 0, setup.offload_reference)
 
     def policy_during(self, program: str) -> int:
         return 0 if program == "update" else self.policy  # dropped before the update
 
+    def reference_during(self, program: str) -> int:
+        """model.offload_reference keeps it in host memory except while scoring."""
+        return self.reference if program == "score" or not self.offload_reference else 0
+
     def total(self, program: str) -> int:
-        return self.params + self.optimizer + self.reference + self.policy_during(program)
+        return self.params + self.optimizer + self.reference_during(program) + self.policy_during(program)
 
     def in_arguments(self, program: str) -> int:
         """The part of it that is the program's own arguments."""

@@ -116,8 +116,9 @@ class Setup:
     themselves when the dtypes agree)."""
 
     def __init__(self, config: ModelConfig, rl: step.RLConfig, mesh, param_dtype, *, eos_token_ids, pad_token_id,
-                 shard_inputs: bool = False):
+                 shard_inputs: bool = False, offload_reference: bool = False):
         self.config, self.rl, self.mesh, self.shard_inputs = config, rl, mesh, shard_inputs
+        self.offload_reference = offload_reference  # model.offload_reference: in HBM only while scoring
         self.eos_token_ids, self.pad_token_id = tuple(eos_token_ids), int(pad_token_id)
         abstract = jax.eval_shape(functools.partial(models.init_params, config, dtype=jnp.dtype(param_dtype)),
                                   jax.random.key(0))

@@ -38,7 +38,7 @@ def header(tpu: Slice, setup: Setup, source: str, param_dtype: str, sizes: Sizes
 def memory_table(live: dict[str, Live], hbm: int) -> str:
     """GiB per chip, one column per program; a program XLA refused shows its message."""
     rows = [("master parameters", lambda x: x.resident.params), ("optimizer state", lambda x: x.resident.optimizer),
-            ("reference model", lambda x: x.resident.reference),
+            ("reference model", lambda x: x.resident.reference_during(x.program)),
             ("policy in compute dtype", lambda x: x.resident.policy_during(x.program)),
             ("batch, inputs, outputs", lambda x: x.other_io if x.compiled.ok or x.other_io else None),
             ("temporaries", lambda x: x.compiled.temp_bytes if x.compiled.ok else None),
@@ -82,7 +82,7 @@ def step_costs(setup: Setup, sizes: Sizes, tpu: Slice) -> dict[str, tuple[int, c
 def memory_record(live: dict[str, Live]) -> dict:
     """The memory table as bytes per chip: program -> row -> bytes (None where not known)."""
     return {name: {"parameters": x.resident.params, "optimizer_state": x.resident.optimizer,
-                   "reference_model": x.resident.reference,
+                   "reference_model": x.resident.reference_during(x.program),
                    "policy_copy": x.resident.policy_during(x.program),
                    "other_io": x.other_io if x.compiled.ok or x.other_io else None,
                    "temporaries": x.compiled.temp_bytes if x.compiled.ok else None, "kv_cache": x.kv_cache,

@@ -64,8 +64,10 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     tokens, lengths, texts, vision_mask = out.tokens, out.lengths, out.texts, out.vision_mask
     t1 = time.perf_counter()
     seq = rollout.expand_for_responses(prompts.inputs, tokens, lengths, n)
-    stats = rollouts.score(config, policy, ref_params, seq, k_score, rl=rl, num_response=m)
-    del policy
+    offload = ctx.config.model.offload_reference
+    ref = model_setup.to_memory(ref_params, "device") if offload else ref_params
+    stats = rollouts.score(config, policy, ref, seq, k_score, rl=rl, num_response=m)
+    del policy, ref
     t2 = time.perf_counter()
     kl, ent = rollout.response_vision_stats(stats, vision_mask, variant=r.soft_label_variant)
     rewards = rollout.score_rewards(texts, examples, n, reward=r.reward, vision_kl=kl, vision_entropy=ent,
@@ -188,6 +190,8 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
 
     # the reference model = the RL starting point, frozen, stored in the compute dtype
     ref_params = model_setup.compute_params(params, model_config, copy=True)
+    if config.model.offload_reference:
+        ref_params = model_setup.to_memory(ref_params, "pinned_host")
     optimizer = step.make_optimizer(ctx.rl)
     state = step.init_state(params, optimizer)
     ckpt = checkpoints.Checkpointer(run_dir.path("checkpoints"), keep=config.checkpoint.keep)

@@ -87,6 +87,12 @@ def compute_params(params, model_config, copy: bool = False):
     return jax.tree.map(cast, params)
 
 
+def to_memory(tree, kind: str):
+    """`tree`'s arrays moved to memory `kind` ("pinned_host" or "device") of the devices they are
+    on, with their shardings otherwise unchanged."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind(kind)), tree)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _cast(x, dtype):
     return x.astype(dtype)
