@@ -145,3 +145,18 @@ def test_offloaded_reference_counts_only_while_scoring():
     offloaded = memory.Resident(params=10, optimizer=20, reference=5, policy=3, offload_reference=True)
     assert [kept.total(p) for p in ("sampler", "score", "update")] == [38, 38, 35]
     assert [offloaded.total(p) for p in ("sampler", "score", "update")] == [33, 38, 30]
+
+
+@needs_libtpu
+def test_topology_devices_leave_the_environment_as_it_was(monkeypatch):
+    """fit.topology.devices sets libtpu's variables only while libtpu reads them: a leaked
+    TPU_WORKER_HOSTNAMES made a later training run in the same process take itself for a TPU pod
+    worker and call jax.distributed.initialize (a test suite that compiled for TPU in-process,
+    then trained, failed that way)."""
+    from vlcal_jax.fit import topology
+
+    for name in ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    assert len(topology.devices(topology.get("v4-8"))) == 4
+    assert dict(os.environ) == before

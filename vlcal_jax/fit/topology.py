@@ -90,17 +90,23 @@ def devices(tpu: Slice) -> list:
     if not libtpu_available():
         raise SystemExit("vlcal_jax.fit compiles for TPU with libtpu, which is not installed: "
                          'pip install -e ".[fit]"')
-    # without these, libtpu looks for the TPU VM it is not on and logs errors about it
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.name)
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_WORKER_ID", "0")
-    # compile-only: no chip is opened, so the one-process-per-TPU-VM lock need not be held
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
+    # without these, libtpu looks for the TPU VM it is not on and logs errors about it; compile-only:
+    # no chip is opened, so the one-process-per-TPU-VM lock need not be held. They are set only
+    # while libtpu reads them: left in the environment, TPU_WORKER_HOSTNAMES would make a later
+    # parallel.initialize() in this process take it for a TPU pod worker
+    quiet = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": tpu.name, "TPU_WORKER_HOSTNAMES": "localhost",
+             "TPU_WORKER_ID": "0", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    added = [name for name in quiet if name not in os.environ]
+    os.environ.update({name: quiet[name] for name in added})
+    try:
+        from jax.experimental import topologies
 
-    desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu", chip_config_name=tpu.chip_config,
-                                        chips_per_host_bounds=tpu.chips_per_host, num_slices=1)
+        desc = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
+                                            chip_config_name=tpu.chip_config, chips_per_host_bounds=tpu.chips_per_host,
+                                            num_slices=1)
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
     found = list(desc.devices)
     if len(found) != tpu.num_chips:
         raise RuntimeError(f"libtpu gave {len(found)} devices for {tpu.name} ({tpu.topology}), expected "
