@@ -37,9 +37,9 @@ def get_config():
     c.rl.max_new_tokens = 4096
     # the paper's 2048 responses cannot go through one sampler call or one backward pass: 4 prompts
     # (32 responses) per generate call, 8 rows per scoring call and per update micro-batch.
-    # `python -m vlcal_jax.fit --config experiments/tpu_v4.py --topology v4-8` checks them: on a v4-8
-    # they do NOT fit yet (float32 attention scores of 4 MP images and activations the partitioner
-    # replicates instead of splitting: the open FSDP issue); see README, "Does it fit?"
+    # `python -m vlcal_jax.fit --config experiments/tpu_v4.py --topology v4-16` checks them: they fit
+    # a v4-16 (19.9 of 32 GiB per chip at 4 MP images; two hosts: the open multi-host issue) and a
+    # v5p-8 (experiments/tpu_v5p.py), not yet a v4-8 (its update needs 37.5 GiB); README, "Does it fit?"
     c.rl.rollout_batch_size = 4
     c.rl.micro_batch_size = 8
     c.eval.size = 500
