@@ -157,3 +157,29 @@ def test_float32_master_weights_under_bfloat16_compute(world):
     for key in ("loss", "pg_loss", "ratio_mean"):
         np.testing.assert_allclose(results["mixed"][1][key], results["f32"][1][key], rtol=3e-2, atol=3e-3,
                                    err_msg=key)
+
+
+def test_bfloat16_first_moment_halves_it_and_keeps_the_update(world):
+    """rl.adam_mu_dtype="bfloat16": AdamW's first moment is stored in bfloat16 (the second moment
+    and the float32 masters are not), and the first update equals the default one within
+    bfloat16's rounding of mu (Adam's first step moves each weight by ~lr * g / |g|)."""
+    config, params, batch = world
+    results = {}
+    for mu in ("", "bfloat16"):
+        rl = step.RLConfig(samples_per_prompt=N_SAMPLES, logprob_chunk=4, learning_rate=1e-3, adam_mu_dtype=mu)
+        optimizer = step.make_optimizer(rl)
+        state = step.init_state(jax.tree.map(jnp.asarray, params), optimizer)
+        results[mu] = step.make_train_step(config, rl, optimizer)(state, batch, jax.random.key(0))[0]
+    adam = results["bfloat16"].opt_state[1][0]
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(results[""].opt_state[1][0].mu)} == {jnp.dtype(jnp.float32)}
+    moved = 0
+    for a, b, p in zip(jax.tree.leaves(results[""].params), jax.tree.leaves(results["bfloat16"].params),
+                       jax.tree.leaves(params)):
+        a, b, p = (np.asarray(x, np.float64) for x in (a, b, p))
+        moved += int(np.any(a != p))
+        # |mu_bf16 - mu| <= 2^-8 |mu|: the update differs by at most that fraction of lr (+ float32 ulps)
+        assert np.max(np.abs(a - b)) <= 2**-8 * 1e-3 * 1.01 + 4 * np.finfo(np.float32).eps * np.max(np.abs(p)), \
+            np.max(np.abs(a - b))
+    assert moved > 0

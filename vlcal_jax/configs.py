@@ -98,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.weight_decay = 1e-2
     c.rl.grad_clip = 1.0
     c.rl.warmup_steps = 0
+    # AdamW's first moment: "" stores it like the parameters; "bfloat16" halves it (2 GiB per chip
+    # for Qwen3-VL-4B on a v4-8) while the second moment, the masters and the gradient sums stay float32
+    c.rl.adam_mu_dtype = ""
     c.rl.logprob_chunk = 512
     # rows per micro-batch of the update (a multiple of samples_per_prompt that divides
     # prompts_per_step x samples_per_prompt); 0: the whole step's batch in one pass

@@ -45,6 +45,7 @@ class RLConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    adam_mu_dtype: str = ""  # AdamW's first moment: "" like the params; "bfloat16" halves it (not the second)
     logprob_chunk: int = 256
     vce_kind: str = "blackout"  # blackout | noise | grey (PAPER.md section 4 ablations)
     vce_prob: float = 0.8
@@ -253,7 +254,8 @@ def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
     schedule = (optax.linear_schedule(0.0, rl.learning_rate, rl.warmup_steps) if rl.warmup_steps
                 else rl.learning_rate)
     return optax.chain(optax.clip_by_global_norm(rl.grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=rl.weight_decay))
+                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=rl.weight_decay,
+                                   mu_dtype=jnp.dtype(rl.adam_mu_dtype) if rl.adam_mu_dtype else None))
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
