@@ -6,16 +6,12 @@ fits a v5p-8 with rollout chunks of 4 prompts and update micro-batches of 8 rows
 it fit?"). Same flags as experiments/tpu_v4.py.
 """
 
-from vlcal_jax.configs import default_config  # noqa: F401  (kept for `--config` discovery)
+import os
+
+from vlcal_jax.configs import experiment_config
 
 
 def get_config():
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location("tpu_v4", os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = experiment_config(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
     c.workdir = os.environ.get("VLCAL_WORKDIR", "outputs/tpu_v5p_qwen3vl4b")
     return c

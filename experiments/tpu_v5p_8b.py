@@ -10,16 +10,12 @@ the sizes (README, "Does it fit?").
         --config.data.image_dir=/mnt/disks/data/images
 """
 
-from vlcal_jax.configs import default_config  # noqa: F401  (kept for `--config` discovery)
+import os
+
+from vlcal_jax.configs import experiment_config
 
 
 def get_config():
-    import importlib.util
-    import os
-
-    spec = importlib.util.spec_from_file_location("tpu_v4", os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = experiment_config(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
     c.workdir = os.environ.get("VLCAL_WORKDIR", "outputs/tpu_v5p_qwen3vl8b")
     return c

@@ -6,7 +6,19 @@ which are the defaults of `rl`.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def experiment_config(path: str, *args) -> ml_collections.ConfigDict:
+    """`get_config(*args)` of the experiment file at `path`: how one experiment builds on another
+    (`experiment_config(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))`)."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
 
 
 def default_config() -> ml_collections.ConfigDict:
