@@ -64,7 +64,7 @@ import rl_utils as U  # noqa: E402
 from vlcal_jax import parallel  # noqa: E402
 from vlcal_jax.rl import step  # noqa: E402
 
-MESHES = ("2x2x2", "1x8x1", "1x4x2", "2x2x2/mb4")
+MESHES = ("2x2x2", "1x8x1", "1x4x2", "2x2x2/mb4", "2x2x2/mb4/off")
 EPS32 = float(np.finfo(np.float32).eps)
 LOGP_ULPS = 16  # per-token log-prob budget, in ulps of max|logp|
 VALUE_ULPS = 64  # round-off of a metric's own reduction, in ulps of its magnitude
@@ -145,7 +145,9 @@ def main():
         raise SystemExit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), have "
                          f"{jax.device_count()}")
     # "2x2x2/mb4": that mesh with the update micro-batched (rl.micro_batch_size=4: 2 micro-batches)
-    meshes = [(tuple(int(s) for s in m.split("/")[0].split("x")), int(m.split("/mb")[1]) if "/mb" in m else 0)
+    # "2x2x2/mb4/off": micro-batched with the pixels in host memory (rl.offload_pixels)
+    meshes = [(tuple(int(s) for s in m.split("/")[0].split("x")),
+               int(m.split("/mb")[1].split("/")[0]) if "/mb" in m else 0, m.endswith("/off"))
               for m in args.meshes.split(",")]
     config = U.tiny_config(tie=False, bias=True, deepstack=(0,), layers=2, depth=1)
     rl = step.RLConfig(samples_per_prompt=2, kl_coef=0.1, logprob_chunk=4)
@@ -173,14 +175,17 @@ def main():
         final_logp = np.asarray(U.policy_logprobs(config, ref_state.params, batches[1].inputs, m_resp))
         report[f"seed{seed}"] = {"reference_param_change": moved, "setup_and_reference_s":
                                  round(time.perf_counter() - start, 1)}
-        for shape, micro in meshes:
+        for shape, micro, offload in meshes:
             begin = time.perf_counter()
             mesh = parallel.make_mesh(*shape)
             state = step.init_state(parallel.shard_params(params, mesh), optimizer)
-            rl_mesh = dataclasses.replace(rl, micro_batch_size=micro)
-            metrics, _, final, recompiles, device_state = run(
-                step.make_train_step(config, rl_mesh, optimizer, mesh=mesh), state, batches)
-            name = f"seed{seed}/" + "x".join(map(str, shape)) + (f"/mb{micro}" if micro else "")
+            rl_mesh = dataclasses.replace(rl, micro_batch_size=micro, offload_pixels=offload)
+            train_step = step.make_train_step(config, rl_mesh, optimizer, mesh=mesh)
+            if offload:  # the pixels really enter the compiled step in host memory
+                lowered = train_step.lower(state, batches[0], jax.random.key(0)).as_text()
+                assert 'memory_kind = "pinned_host"' in lowered, "rl.offload_pixels: no host-memory input"
+            metrics, _, final, recompiles, device_state = run(train_step, state, batches)
+            name = f"seed{seed}/" + "x".join(map(str, shape)) + (f"/mb{micro}" if micro else "") + ("/off" * offload)
             q = device_state.params["text"]["layers"]["attn"]["q_proj"]["kernel"]
             expected = parallel.spec_for("text/layers/attn/q_proj/kernel", q.shape, mesh)
             assert q.sharding.spec == expected and expected != P(None, None, None), (name, q.sharding)

@@ -89,9 +89,12 @@ class Compiled:
 
 
 def shard_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    """Bytes one device holds in HBM of a tree of sharded ShapeDtypeStructs (the largest shard;
+    leaves placed in host memory count nothing)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
+        if getattr(leaf.sharding, "memory_kind", None) in ("pinned_host", "unpinned_host"):
+            continue
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
     return total
@@ -241,7 +244,8 @@ def update_batch(setup: Setup, sizes: Sizes) -> step.RLBatch:
     per_token = _struct(lead + (rows, sizes.response_len), jnp.float32)
     batch = step.RLBatch(inputs, per_token, per_token, _struct(lead + (rows,), jnp.float32), per_token, per_token,
                          per_token, per_token, per_token, per_token)
-    return _sharded(batch, step.batch_shardings(batch, setup.mesh, micro=not flat))
+    return _sharded(batch, step.batch_shardings(batch, setup.mesh, micro=not flat,
+                                                host_pixels=not flat and setup.rl.offload_pixels))
 
 
 def update(setup: Setup, sizes: Sizes) -> Compiled:

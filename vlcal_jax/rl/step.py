@@ -55,6 +55,10 @@ class RLConfig:
     # rows per micro-batch of the update (a multiple of samples_per_prompt dividing the batch);
     # 0: the whole batch in one pass. Gradients accumulate in float32 over a scan inside the one jit.
     micro_batch_size: int = 0
+    # micro-batched update: the step's pixel_values wait in pinned host memory and each
+    # micro-batch's images are copied to the device inside the scan (3.2 GiB per chip of a v4-8
+    # for 256 prompts at 4 MP); without a mesh (one device) it changes nothing
+    offload_pixels: bool = False
     # Normalisation of the image processor that made pixel_values (ImageProcessorConfig.image_mean
     # / image_std): the VCE perturbations' black, grey and noise bounds are pixels normalised with it.
     image_mean: tuple[float, ...] = perturb.QWEN3_VL_MEAN
@@ -145,11 +149,17 @@ def _token_logprobs_bwd(chunk_size, residuals, g):
         onehot = jnp.arange(logits.shape[-1]) == t[..., None]
         d_logits = (g_c[..., None] * (onehot - jnp.exp(logits - lse_c[..., None]))).astype(h.dtype)
         d_h = jnp.einsum("ncv,dv->ncd", d_logits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-        d_kernel = d_kernel + jnp.einsum("ncd,ncv->dv", h, d_logits, preferred_element_type=jnp.float32)
+        # one chunk's [D, V] partial sum, in the compute dtype (the gradient is returned in it;
+        # the sum over chunks is float32): with rows split over chips XLA all-reduces this full
+        # partial on every chip, 0.7 GiB in bfloat16 for Qwen3-VL's 2560 x 151936 head, not 1.45
+        partial = jnp.einsum("ncd,ncv->dv", h, d_logits, preferred_element_type=h.dtype)
+        d_kernel = parallel.constrain(d_kernel + partial.astype(jnp.float32), "fsdp", "tensor")
         return d_kernel, d_h.astype(hidden.dtype)
 
     xs = tuple(certainty.to_chunks(x, chunk_size) for x in (hidden, targets, lse, g.astype(jnp.float32)))
-    d_kernel, d_hidden = jax.lax.scan(one, jnp.zeros(kernel.shape, jnp.float32), xs)
+    # the float32 sum is split like the head's parameters (lm_head/kernel: P("fsdp", "tensor"))
+    zeros = parallel.constrain(jnp.zeros(kernel.shape, jnp.float32), "fsdp", "tensor")
+    d_kernel, d_hidden = jax.lax.scan(one, zeros, xs)
     return certainty.from_chunks(d_hidden, hidden.shape[1]), d_kernel.astype(kernel.dtype), None
 
 
@@ -321,11 +331,13 @@ def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch
 _GLOBALLY_NORMALISED = ("loss", "pg_loss", "ref_kl")
 
 
-def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng):
+def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng,
+                pixels_to=None):
     """The update over K micro-batches (`batch` leaves [K, N / K, ...], see rl.microbatch): the
     token advantages from the whole batch, then a scan accumulating float32 gradients and
     token-weighted metrics, then ONE optimizer step; equal to `_step` on the flat batch up to
-    float32 summation order."""
+    float32 summation order. `pixels_to`: the device sharding each micro-batch's pixel_values are
+    copied to (they arrive in host memory, rl.offload_pixels)."""
     del rng
     k = batch.response_mask.shape[0]
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch._replace(inputs=None))
@@ -345,6 +357,10 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
     def body(carry, xs):
         grads, sums = carry
         micro, (eff, pg) = xs
+        if pixels_to is not None:
+            vis = micro.inputs.vision
+            vis = vis._replace(pixel_values=jax.device_put(vis.pixel_values, pixels_to))
+            micro = micro._replace(inputs=micro.inputs._replace(vision=vis))
         check_batch(config, micro)
         (loss, metrics), g = jax.value_and_grad(micro_loss, has_aux=True)(
             policy, config, rl, micro, eff, pg, num_tokens, num_pg_tokens)
@@ -368,12 +384,13 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
     return _apply_gradients(optimizer, state, metrics["loss"], metrics, grads)
 
 
-def batch_shardings(batch, mesh, micro: bool = False):
+def batch_shardings(batch, mesh, micro: bool = False, host_pixels: bool = False):
     """Rows split over ("data", "fsdp") where they divide evenly; position_ids carry the batch
     on axis 1; vision arrays split over images, or over patches where the images do not divide
     and one batch axis is used (one image in a micro-batch of 8 rows: as the vision tower splits
     it, see models.vision._split); anything else is replicated. `micro`: leaves have a leading
-    micro-batch axis (rl.microbatch.split), which stays whole."""
+    micro-batch axis (rl.microbatch.split), which stays whole. `host_pixels`: pixel_values in
+    pinned host memory (rl.offload_pixels), split the same way."""
     size = mesh.shape["data"] * mesh.shape["fsdp"]
     patches_split = min(mesh.shape["data"], mesh.shape["fsdp"]) == 1
 
@@ -382,13 +399,25 @@ def batch_shardings(batch, mesh, micro: bool = False):
         axis = (1 if name.endswith("position_ids") else 0) + int(micro)
         if ".vision/" in name and patches_split and leaf.ndim > axis + 1 and leaf.shape[axis] % size:
             axis += 1
-        if leaf.ndim <= axis or leaf.shape[axis] % size:
-            return NamedSharding(mesh, P())
         spec = [None] * leaf.ndim
-        spec[axis] = parallel.BATCH
+        if leaf.ndim > axis and leaf.shape[axis] % size == 0:
+            spec[axis] = parallel.BATCH
+        if host_pixels and name.endswith(_PIXELS):
+            return NamedSharding(mesh, P(*spec), memory_kind="pinned_host")
         return NamedSharding(mesh, P(*spec))
 
     return jax.tree_util.tree_map_with_path(one, batch)
+
+
+_PIXELS = ".vision/.pixel_values"  # parallel.path_str of RLBatch.inputs.vision.pixel_values
+
+
+def _pixel_device_sharding(shardings):
+    """The device sharding of one micro-batch's pixel_values, from the micro-batched batch's
+    shardings (batch_shardings(..., micro=True, host_pixels=True))."""
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    sharding = next(s for path, s in flat if parallel.path_str(path).endswith(_PIXELS))
+    return NamedSharding(sharding.mesh, P(*sharding.spec[1:]), memory_kind="device")
 
 
 class MicroBatchedStep:
@@ -423,10 +452,12 @@ class MicroBatchedStep:
                 self._compiled[key] = jax.jit(self._body, donate_argnums=0)
             else:
                 state_sh = jax.tree.map(lambda x: x.sharding, state)
+                host = self.rl.offload_pixels and micro_batches.inputs.vision is not None
+                batch_sh = batch_shardings(micro_batches, self.mesh, micro=True, host_pixels=host)
+                body = functools.partial(self._body, pixels_to=_pixel_device_sharding(batch_sh)) if host else self._body
                 self._compiled[key] = jax.jit(
-                    self._body, donate_argnums=0,
-                    in_shardings=(state_sh, batch_shardings(micro_batches, self.mesh, micro=True),
-                                  parallel.replicated(self.mesh)),
+                    body, donate_argnums=0,
+                    in_shardings=(state_sh, batch_sh, parallel.replicated(self.mesh)),
                     out_shardings=(state_sh, parallel.replicated(self.mesh)))
         return self._compiled[key]
 

@@ -41,7 +41,8 @@ def rl_config(config: ml_collections.ConfigDict, image_config=None) -> step.RLCo
         filter_top_p=r.filter_top_p, learning_rate=r.learning_rate, weight_decay=r.weight_decay,
         grad_clip=r.grad_clip, warmup_steps=r.warmup_steps, logprob_chunk=r.logprob_chunk, vce_kind=r.vce_kind,
         vce_prob=r.vce_prob, vce_noise_std=r.vce_noise_std, vce_grey=r.vce_grey, vce_k=r.vce_k,
-        kl_clamp=r.kl_clamp, micro_batch_size=r.micro_batch_size, adam_mu_dtype=r.adam_mu_dtype)
+        kl_clamp=r.kl_clamp, micro_batch_size=r.micro_batch_size, adam_mu_dtype=r.adam_mu_dtype,
+        offload_pixels=r.offload_pixels)
 
 
 def rl_iteration(ctx, state, ref_params, examples, rng):
