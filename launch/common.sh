@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by the launch scripts, on the launching machine and on the TPU VM workers.
 # Sourced, not run: `. "$(dirname "${BASH_SOURCE[0]}")/common.sh"`.
 

@@ -9,6 +9,7 @@
 #   VLCAL_IMAGE_DIR=gs://b/data bash launch/stage_inputs.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
 . "$HERE/common.sh"
 
 stage() {

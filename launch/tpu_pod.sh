@@ -45,6 +45,7 @@
 # checkpoint in the workdir. `all` makes a fresh slice; `train` reuses a slice that is still up.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
 . "$HERE/common.sh"
 
 usage() {
@@ -113,12 +114,12 @@ parse_args() {
     shift
     case $arg in
       --config.*=*) OVERRIDES+=("$arg") ;;
-      --config.*)
-        OVERRIDES+=("$arg")
+      --config.*)  # `--config.KEY VALUE` goes on as --config.KEY=VALUE
         if (($#)) && [[ $1 != -* ]]; then
-          OVERRIDES+=("$1")
+          arg+="=$1"
           shift
-        fi ;;
+        fi
+        OVERRIDES+=("$arg") ;;
       --) OVERRIDES+=("$@"); break ;;
       --spot) SPOT=1 ;;
       --preemptible) PREEMPTIBLE=1 ;;
@@ -269,7 +270,8 @@ copy_code() {
   local dir
   dir=$(shell_word "$REMOTE_DIR")
   if [[ -n $REPO_URL ]]; then
-    local clone="rm -rf $dir && git clone $(shell_word "$REPO_URL") $dir"
+    local clone
+    clone="rm -rf $dir && git clone $(shell_word "$REPO_URL") $dir"
     [[ -z $REPO_REF ]] || clone+=" && git -C $dir checkout $(shell_word "$REPO_REF")"
     on_workers all "$clone"
     return
@@ -296,7 +298,8 @@ input_env() {
 }
 
 install() {
-  local command="cd $(shell_word "$REMOTE_DIR") && bash launch/setup_tpu_vm.sh"
+  local command
+  command="cd $(shell_word "$REMOTE_DIR") && bash launch/setup_tpu_vm.sh"
   if is_url "$VLCAL_MODEL_PATH" || is_url "$VLCAL_IMAGE_DIR" || [[ $VLCAL_TRAIN_FILES == *://* ]]; then
     command+=" && $(input_env)bash launch/stage_inputs.sh"
   fi
@@ -310,7 +313,8 @@ check_workdir() {
 
 train() {
   check_workdir
-  local command="cd $(shell_word "$REMOTE_DIR") && $(input_env VLCAL_WORKDIR)"
+  local command
+  command="cd $(shell_word "$REMOTE_DIR") && $(input_env VLCAL_WORKDIR)"
   local pair
   for pair in "${EXTRA_ENV[@]}"; do
     command+="$(shell_assignment "$pair") "

@@ -11,6 +11,7 @@
 # is passed on to the trainer, which checkpoints and exits. The trainer's exit status is ours.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
 . "$HERE/common.sh"
 
 [[ -n ${VLCAL_WORKDIR:-} ]] || die "set VLCAL_WORKDIR (gs://BUCKET/RUN: the run's checkpoints, metrics and logs)"
@@ -58,7 +59,7 @@ trap 'kill -TERM "$TRAIN_PID" 2> /dev/null' TERM INT HUP
 
 TAIL_PID=""
 if [[ $WORKER == 0 ]]; then
-  tail -n +1 -F --pid="$TRAIN_PID" "$LOG" 2> /dev/null &
+  tail -n +1 -F -s 0.2 --pid="$TRAIN_PID" "$LOG" 2> /dev/null &
   TAIL_PID=$!
 fi
 # its own output goes to the log, so that nothing it leaves behind holds the ssh session open
