@@ -19,7 +19,10 @@ if [[ -x $VENV/bin/python ]] && "$VENV/bin/python" -c "$MODERN" 2> /dev/null; th
 elif "$PYTHON" -c "$MODERN" 2> /dev/null; then
   "$PYTHON" -m venv "$VENV"
 else
-  "$PYTHON" -m pip install --user --quiet uv
+  # an externally managed python (PEP 668) refuses --user installs without the override,
+  # which older pips do not know
+  "$PYTHON" -m pip install --user --quiet uv 2> /dev/null \
+    || "$PYTHON" -m pip install --user --quiet --break-system-packages uv
   "$HOME/.local/bin/uv" venv --seed --python 3.12 "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip

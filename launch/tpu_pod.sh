@@ -34,7 +34,7 @@
 #                              each worker's disk (the trainer reads the model and data locally)
 #   --config CONFIG            default experiments/tpu_v4.py
 #   --env KEY=VALUE            extra environment for the trainer (repeatable), e.g. XLA_FLAGS
-#   --repo-url REPO_URL, --ref REPO_REF   clone this instead of copying HEAD
+#   --repo-url REPO_URL (or VLCAL_REPO_URL), --ref REPO_REF   clone this instead of copying HEAD
 #   --remote-dir REMOTE_DIR    the repository's directory under each worker's home (vlcal_jax)
 #   --log-sync LOG_SYNC_SECONDS  seconds between log copies to the bucket (300)
 #   --keep / KEEP=1            all: keep the slice at the end
@@ -70,7 +70,7 @@ VLCAL_MODEL_PATH=${VLCAL_MODEL_PATH:-}
 VLCAL_TRAIN_FILES=${VLCAL_TRAIN_FILES:-}
 VLCAL_IMAGE_DIR=${VLCAL_IMAGE_DIR:-}
 CONFIG=${CONFIG:-experiments/tpu_v4.py}
-REPO_URL=${REPO_URL:-}
+REPO_URL=${REPO_URL:-${VLCAL_REPO_URL:-}}  # the Colab notebook reads VLCAL_REPO_URL
 REPO_REF=${REPO_REF:-}
 REMOTE_DIR=${REMOTE_DIR:-vlcal_jax}
 LOG_SYNC_SECONDS=${LOG_SYNC_SECONDS:-300}

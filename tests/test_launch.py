@@ -421,6 +421,15 @@ def test_stage_inputs_copies_bucket_inputs_once(fake):
     assert (inputs / "models" / "m").is_dir() and "already at" in result.stderr
 
 
+def test_stage_inputs_copies_a_train_file_inside_the_image_dir_with_it(fake):
+    tmp_path, env = fake
+    env = {**env, "VLCAL_TRAIN_FILES": "gs://b/data/train.parquet", "VLCAL_IMAGE_DIR": "gs://b/data"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch", "stage_inputs.sh")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert gcloud_calls(tmp_path) == [["storage", "cp", "-r", "gs://b/data", f"{tmp_path}/home/vlcal_inputs/b/"]]
+
+
 @pytest.mark.parametrize("modern", [True, False])
 def test_setup_tpu_vm_makes_a_modern_venv_and_installs_the_tpu_extra(fake, modern):
     """python3 >= 3.11 makes the venv itself; an older one (Ubuntu 22.04's 3.10) gets one from uv."""
