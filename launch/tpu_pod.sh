@@ -38,8 +38,10 @@
 #   --remote-dir REMOTE_DIR    the repository's directory under each worker's home (vlcal_jax)
 #   --log-sync LOG_SYNC_SECONDS  seconds between log copies to the bucket (300)
 #   --keep / KEEP=1            all: keep the slice at the end
-#   --dry-run / DRY_RUN=1      print every command, one per line, and run none
+#   --dry-run / DRY_RUN=1      print every command, one per line, and run none (the queued
+#                              resource's describe, polled until ACTIVE, is printed once)
 #
+# The workers' service account needs read and write access to the bucket (checkpoints, logs).
 # Multi-host: every worker runs the same command; jax.distributed finds the slice by itself.
 # Resume (preemption, a crash): run the same command again; the trainer resumes from the newest
 # checkpoint in the workdir. `all` makes a fresh slice; `train` reuses a slice that is still up.
