@@ -279,7 +279,7 @@ copy_code() {
     return
   fi
   local root tarball
-  root=$(repo_root)
+  root=$(repo_root 2> /dev/null) || die "$HERE is not in a git checkout: pass --repo-url (or set REPO_URL) to clone on the workers"
   tarball=${TMPDIR:-/tmp}/vlcal_jax-$TPU_NAME.tar.gz
   if [[ -n $(git -C "$root" status --porcelain --untracked-files=no) ]]; then
     note "warning: uncommitted changes are not copied (git archive HEAD); commit them first"

@@ -113,6 +113,10 @@ def ssh(name, command, worker="all", zone="us-central2-b", project=None):
     return ["compute", "tpus", "tpu-vm", "ssh", name, *scope, f"--worker={worker}", "--command", command]
 
 
+# setup copies HEAD with git archive: the tests that reach it need this file in a git checkout
+needs_git = pytest.mark.skipif(subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0,
+                               reason="not a git checkout")
+
 V4 = ["--name", "pod", "--zone", "us-central2-b", "--accelerator-type", "v4-32"]
 V4_DELETE = ["compute", "tpus", "tpu-vm", "delete", "pod", "--zone", "us-central2-b", "--quiet"]
 BUCKET_INPUTS = ["--bucket", "my-bucket", "--run", "paper",
@@ -181,6 +185,7 @@ def test_a_failed_queued_resource_stops_the_wait(fake):
     assert len(gcloud_calls(tmp_path)) == 3  # create, two describes; `create` alone deletes nothing
 
 
+@needs_git
 def test_setup_copies_head_to_every_worker_and_installs_there(fake):
     tmp_path, env = fake
     result = pod(env, "setup", *V4)
@@ -239,6 +244,7 @@ def test_tail_follows_worker_0s_log(fake):
     assert gcloud_calls(tmp_path) == [ssh("pod", "tail -n +1 -F vlcal_logs/paper/worker-0.log", worker="0")]
 
 
+@needs_git
 def test_all_creates_sets_up_trains_and_deletes(fake):
     tmp_path, env = fake
     result = pod(env, "all", *V4, *BUCKET_INPUTS, "--config.rl.steps=300", "--config.rl.prompts_per_step=128")
@@ -249,6 +255,7 @@ def test_all_creates_sets_up_trains_and_deletes(fake):
     assert calls[-2:] == [TRAIN, V4_DELETE]
 
 
+@needs_git
 def test_a_failed_train_still_deletes_the_slice_unless_kept(fake):
     tmp_path, env = fake
     result = pod(env, "all", *V4, *BUCKET_INPUTS, extra_env={"FAKE_GCLOUD_FAIL": "train_worker.sh"})
@@ -265,6 +272,7 @@ def test_a_failed_train_still_deletes_the_slice_unless_kept(fake):
     assert "kept pod; delete it with: bash launch/tpu_pod.sh delete" in result.stderr
 
 
+@needs_git
 def test_ctrl_c_during_training_deletes_the_slice(fake):
     tmp_path, env = fake
     process = subprocess.Popen(["bash", POD, "all", *V4, "--bucket", "b"], start_new_session=True,
@@ -293,6 +301,7 @@ def test_delete_a_queued_slice(fake):
         ["compute", "tpus", "queued-resources", "delete", "pod-qr", "--zone", "z", "--project", "p", "--force", "--quiet"]]
 
 
+@needs_git
 def test_dry_run_prints_what_a_real_run_calls_and_calls_nothing(fake):
     tmp_path, env = fake
     args = ["all", "--name", "pod", "--zone", "us-west4-a", "--accelerator-type", "v5e-16", *BUCKET_INPUTS,
