@@ -43,7 +43,9 @@ mkdir -p "$LOG_DIR"
 
 upload_log() {
   [[ -n $REMOTE_LOG ]] || return 0
-  gcloud storage cp "$LOG" "$REMOTE_LOG" > /dev/null || note "worker $WORKER: could not copy $LOG to $REMOTE_LOG"
+  local output  # gcloud's progress lines would land in the log on every copy
+  output=$(gcloud storage cp "$LOG" "$REMOTE_LOG" 2>&1) \
+    || note "worker $WORKER: could not copy $LOG to $REMOTE_LOG: $output"
 }
 
 for name in VLCAL_MODEL_PATH VLCAL_TRAIN_FILES VLCAL_IMAGE_DIR; do
@@ -72,7 +74,12 @@ while true; do
   kill -0 "$TRAIN_PID" 2> /dev/null || break  # a trapped signal interrupted the wait
 done
 kill "$SYNC_PID" 2> /dev/null
-if [[ -n $TAIL_PID ]]; then
+if [[ -n $TAIL_PID ]]; then  # tail --pid prints the rest and stops within its 0.2 s poll
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    kill -0 "$TAIL_PID" 2> /dev/null || break
+    sleep 0.2
+  done
+  kill "$TAIL_PID" 2> /dev/null
   wait "$TAIL_PID"
 fi
 echo "=== $(date -u +%FT%TZ) worker $WORKER: exit status $STATUS" >> "$LOG"

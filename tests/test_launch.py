@@ -463,6 +463,14 @@ def test_setup_tpu_vm_makes_a_modern_venv_and_installs_the_tpu_extra(fake, moder
         [f"{venv}/bin/python", "-c", "import jax, vlcal_jax; print('vlcal_jax installed, jax', jax.__version__)"]]
 
 
+
+def test_a_failed_log_copy_is_reported_and_keeps_the_trainers_status(worker):
+    tmp_path, env = worker
+    result = run_worker(env, "--config", "c.py", VLCAL_WORKER_ID="1", FAKE_GCLOUD_FAIL="gs://b/runs/paper/logs")
+    assert result.returncode == 0
+    assert "worker 1: could not copy" in result.stderr and "gs://b/runs/paper/logs/worker-1.log" in result.stderr
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
     scripts = sorted(os.path.join("launch", name) for name in os.listdir(os.path.join(ROOT, "launch"))
