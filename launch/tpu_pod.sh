@@ -33,7 +33,7 @@
 #   --image-dir VLCAL_IMAGE_DIR       paths on the workers, or gs:// URLs that setup copies to
 #                              each worker's disk (the trainer reads the model and data locally)
 #   --config CONFIG            default experiments/tpu_v4.py
-#   --env KEY=VALUE            extra environment for the trainer (repeatable), e.g. XLA_FLAGS
+#   --env KEY=VALUE            (flag only, repeatable) extra trainer environment, e.g. XLA_FLAGS
 #   --repo-url REPO_URL (or VLCAL_REPO_URL), --ref REPO_REF   clone this instead of copying HEAD
 #   --remote-dir REMOTE_DIR    the repository's directory under each worker's home (vlcal_jax)
 #   --log-sync LOG_SYNC_SECONDS  seconds between log copies to the bucket (300)
