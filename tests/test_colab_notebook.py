@@ -8,16 +8,16 @@ outputs) and the before/after table read from the run's summary.json, and answer
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
 import sys
 
+import ipykernel  # noqa: F401  (the kernel the notebook runs in; setup.py's test extra)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab_tpu_demo.ipynb")
@@ -48,6 +48,20 @@ def test_notebook_is_stored_clean_and_valid():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "store the notebook without outputs"
     assert "parameters" in code[0].metadata.get("tags", []), "the first code cell holds the parameters"
+
+
+def test_tiny_setting_is_the_readme_tests_short_demo():
+    """VLCAL_NOTEBOOK_TINY applies test_readme_commands.SHORT, the override set the suite already
+    compiles the demo with, as a dict."""
+    import test_readme_commands
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    calls = [node for cell in nb.cells if cell.cell_type == "code" for node in ast.walk(ast.parse(cell.source))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "update_from_flattened_dict"]
+    assert len(calls) == 1, "the notebook sets the tiny overrides in one update_from_flattened_dict call"
+    tiny = ast.literal_eval(calls[0].args[0])
+    short = dict(flag[len("--config."):].split("=") for flag in test_readme_commands.SHORT.split())
+    assert {k: str(v) for k, v in tiny.items()} == short
 
 
 @pytest.fixture
@@ -82,6 +96,7 @@ def test_notebook_runs_end_to_end_on_cpu(kernel_env):
     assert not errors, errors
     text = text_of(code)
     assert "No TPU found: running on CPU" in text
+    assert "INFO:vlcal_jax" not in text, "each log line once, in logs.setup_logging's format"
     assert f"vlcal_jax from {os.path.join(ROOT, 'vlcal_jax')}" in text  # the checkout, not a fresh install
 
     summary = json.loads((workdir / "summary.json").read_text())
