@@ -36,6 +36,10 @@ EXTRAS = {
         # mathruler imports these without declaring them
         "pylatexenc",
         "sympy",
+        # tests/test_colab_notebook.py executes launch/colab_tpu_demo.ipynb in a python3 kernel
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
     ],
     # gs:// workdirs: our logs, reports and exports go through fsspec's gcsfs (orbax writes
     # checkpoint arrays to GCS natively, its metadata through etils.epath -> fsspec)

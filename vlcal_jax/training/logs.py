@@ -19,6 +19,12 @@ def setup_logging(level: int = logging.INFO) -> None:
 
     root = logging.getLogger()
     under_absl = absl_logging.get_absl_handler() in root.handlers
+    if not under_absl:
+        # absl.logging.log() before flags are parsed (orbax's vlog on import) calls logging.basicConfig():
+        # that bare handler would print each message a second time, next to ours
+        for handler in list(root.handlers):
+            if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == logging.BASIC_FORMAT:
+                root.removeHandler(handler)
     if not under_absl and not any(getattr(h, "_vlcal", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
