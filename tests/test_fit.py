@@ -109,6 +109,8 @@ def test_too_large_a_micro_batch_exits_1_naming_one_that_fits(tmp_path):
 def test_micro_batch_candidates_hold_whole_groups_and_split_over_the_chips():
     # 2048 rows of groups of 8 on 16 chips: multiples of 16 that divide 2048, below 512
     assert memory.candidates(2048, 8, 1, 16, 512) == [256, 128, 64, 32, 16]
+    # below a group: its divisors (a part of a group per micro-batch), those that split over the chips
+    assert memory.candidates(2048, 8, 1, 4, 8) == [4]
     # 6 prompts on 4 chips: no count below 6 splits evenly, so all divisors are candidates
     assert memory.candidates(6, 1, 1, 4, 6) == [3, 2, 1]
 

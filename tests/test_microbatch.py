@@ -60,16 +60,20 @@ def _run(config, rl, params, batch):
     return U.to_host(state.params), U.to_host(metrics)
 
 
-def test_split_puts_each_prompts_images_in_its_micro_batch(world):
+@pytest.mark.parametrize("size", [4, 1])  # 1: each GRPO group of 2 split over 2 micro-batches
+def test_split_puts_each_prompts_images_in_its_micro_batch(world, size):
     config, _, batch = world
-    micro = microbatch.split(batch, 4, N_SAMPLES, image_token_id=config.image_token_id,
+    micro = microbatch.split(batch, size, N_SAMPLES, image_token_id=config.image_token_id,
                              merge_unit=config.vision.merge_unit)
-    assert micro.response_mask.shape == (2, 4, M) and micro.inputs.position_ids.shape[:3] == (2, 3, 4)
+    k_total = 8 // size
+    assert micro.response_mask.shape == (k_total, size, M) and micro.inputs.position_ids.shape[:3] == (k_total, 3, size)
+    # each micro-batch carries its own prompts' image slots (2 per prompt), whole or part of a group
+    assert micro.inputs.vision.pixel_values.shape[1] == 2 * max(size // N_SAMPLES, 1)
     slots = micro.inputs.vision.pixel_values.shape[2] // config.vision.merge_unit
     flat_pixels = np.asarray(batch.inputs.vision.pixel_values)
-    for k in range(2):
-        for r in range(4):
-            row = k * 4 + r
+    for k in range(k_total):
+        for r in range(size):
+            row = k * size + r
             pads = np.asarray(batch.inputs.input_ids[row]) == config.image_token_id
             old = np.asarray(batch.inputs.image_index[row])[pads]
             new = np.asarray(micro.inputs.image_index[k, r])[pads]
@@ -79,7 +83,7 @@ def test_split_puts_each_prompts_images_in_its_micro_batch(world):
             assert (new // slots < micro.inputs.vision.pixel_values.shape[1]).all()
 
 
-@pytest.mark.parametrize("micro_batch_size", [2, 4, 8])
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 4, 8])  # 1: half a GRPO group per micro-batch
 def test_micro_batched_step_equals_the_one_shot_step(world, micro_batch_size):
     config, params, batch = world
     rl = step.RLConfig(samples_per_prompt=N_SAMPLES, kl_coef=0.1, logprob_chunk=4, loss="vl_calibration")
@@ -96,7 +100,7 @@ def test_micro_batched_step_equals_the_one_shot_step(world, micro_batch_size):
 
 def test_micro_batch_size_errors_name_the_setting(world):
     config, params, batch = world
-    for size, match in ((3, "multiple of rl.samples_per_prompt"), (6, "must divide the 8 responses")):
+    for size, match in ((3, "multiple or a divisor of rl.samples_per_prompt"), (6, "must divide the 8 responses")):
         rl = step.RLConfig(samples_per_prompt=N_SAMPLES, micro_batch_size=size)
         with pytest.raises(ValueError, match=match):
             _run(config, rl, params, batch)

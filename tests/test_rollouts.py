@@ -57,11 +57,13 @@ def test_micro_batched_scoring_equals_one_call(world):  # noqa: F811
     # every patch blacked out (vce_prob 1): the perturbation is the same whatever the rng
     rl = step.RLConfig(samples_per_prompt=N, logprob_chunk=4, vce_prob=1.0)
     one = rollouts.score(config, params, params, seq, jax.random.key(0), rl=rl, num_response=NEW)
-    micro = rollouts.score(config, params, params, seq, jax.random.key(0),
-                           rl=step.RLConfig(**{**rl.__dict__, "micro_batch_size": 2}), num_response=NEW)
-    assert set(one) == set(micro)
     response = np.arange(NEW)[None] < lengths[:, None]
-    for key in one:
-        np.testing.assert_allclose(micro[key][response], one[key][response], rtol=1e-5, atol=1e-5, err_msg=key)
+    for size in (2, 1):  # whole groups of 2; half a group (each part with its prompt's image)
+        micro = rollouts.score(config, params, params, seq, jax.random.key(0),
+                               rl=step.RLConfig(**{**rl.__dict__, "micro_batch_size": size}), num_response=NEW)
+        assert set(one) == set(micro)
+        for key in one:
+            np.testing.assert_allclose(micro[key][response], one[key][response], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{key} (micro-batches of {size})")
     # the image matters: scoring the rows of prompt 1 with prompt 0's image changes the clean log-probs
     assert np.abs(one["kl"][response]).max() > 1e-4

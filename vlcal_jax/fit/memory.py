@@ -94,9 +94,10 @@ def fits(live: Live, hbm: int) -> bool:
 
 
 def candidates(total: int, multiple: int, rows_per_unit: int, shards: int, below: int) -> list[int]:
-    """Sizes < `below` that divide `total` and are multiples of `multiple`, largest first; those
-    whose rows (size x `rows_per_unit`) split evenly over the `shards` batch devices, if any do."""
-    sizes = [s for s in range(multiple, below, multiple) if total % s == 0]
+    """Sizes < `below` that divide `total` and are multiples or divisors of `multiple`, largest
+    first; those whose rows (size x `rows_per_unit`) split evenly over the `shards` batch devices,
+    if any do."""
+    sizes = [s for s in range(1, below) if total % s == 0 and (s % multiple == 0 or multiple % s == 0)]
     even = [s for s in sizes if s * rows_per_unit % shards == 0]
     return sorted(even or sizes, reverse=True)
 

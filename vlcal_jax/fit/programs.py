@@ -58,9 +58,13 @@ class Sizes:
         if self.prompts % self.rollout_batch:
             raise ValueError(f"rl.rollout_batch_size={self.rollout_batch} must divide rl.prompts_per_step="
                              f"{self.prompts}")
-        if self.micro_batch % self.samples or self.rows % self.micro_batch:
-            raise ValueError(f"rl.micro_batch_size={self.micro_batch} must be a multiple of rl.samples_per_prompt="
-                             f"{self.samples} that divides the {self.rows} responses of a step")
+        if (self.micro_batch % self.samples and self.samples % self.micro_batch) or self.rows % self.micro_batch:
+            raise ValueError(f"rl.micro_batch_size={self.micro_batch} must be a multiple or a divisor of "
+                             f"rl.samples_per_prompt={self.samples} that divides the {self.rows} responses of a step")
+
+    def images(self, rows: int) -> int:
+        """Images of a batch of `rows` response rows: a part of a GRPO group carries its prompt's."""
+        return max(rows // self.samples, 1) * self.images_per_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +221,7 @@ def sampler(setup: Setup, sizes: Sizes) -> Compiled:
 
 
 def _response_inputs(setup: Setup, sizes: Sizes, rows: int) -> models.ModelInputs:
-    images = rows // sizes.samples * sizes.images_per_prompt
+    images = sizes.images(rows)
     return setup.program_inputs(rows, sizes.prompt_len + sizes.response_len, images, sizes.patches)
 
 
@@ -234,7 +238,7 @@ def update_batch(setup: Setup, sizes: Sizes) -> step.RLBatch:
     k, rows = sizes.micro_batches, sizes.micro_batch
     flat = k == 1
     lead = () if flat else (k,)
-    images = rows // sizes.samples * sizes.images_per_prompt
+    images = sizes.images(rows)
     inputs = setup.inputs(rows, sizes.prompt_len + sizes.response_len, images, sizes.patches)
     inputs = jax.tree.map(lambda x: _struct(lead + x.shape, x.dtype), inputs)  # sharded below, as the step does
     if not flat and inputs.vision is not None:  # MicroBatchedStep.split ships pixels in the compute dtype

@@ -68,7 +68,7 @@ def step_costs(setup: Setup, sizes: Sizes, tpu: Slice) -> dict[str, tuple[int, c
                             prompt_len=sizes.prompt_len, new_tokens=sizes.response_len,
                             images=sizes.rollout_batch * images, patches=sizes.patches, weight_bytes=weights,
                             text_weight_bytes=text_weights, kv_bytes_per_chip=setup.kv_cache_bytes(sizes))
-    micro_images = sizes.micro_batch // sizes.samples * images
+    micro_images = sizes.images(sizes.micro_batch)
     length = sizes.prompt_len + sizes.response_len
     score = costs.score(c, chip, chips, rows=sizes.micro_batch, samples=sizes.samples, length=length,
                         response_len=sizes.response_len, images=micro_images, patches=sizes.patches,

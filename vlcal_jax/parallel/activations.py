@@ -8,7 +8,6 @@ layout at a few points with `constrain(x, "batch", None, "tensor")`, naming *log
 
     "batch"   the rows (or images), over the batch axes ("data", "fsdp")
     "tensor"  heads / the MLP inner dimension / the vocabulary, over "tensor"
-    "fsdp"    a weight-shaped dimension split like the parameters' (a gradient accumulator)
     None      whole on every chip
 
 The mesh comes from the context (`use_mesh`, i.e. `jax.set_mesh`, around the call that traces
@@ -25,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlcal_jax.parallel.sharding import BATCH
 
-LOGICAL = {"batch": BATCH, "tensor": ("tensor",), "fsdp": ("fsdp",)}
+LOGICAL = {"batch": BATCH, "tensor": ("tensor",)}
 
 
 def _axis_sizes() -> dict[str, int]:

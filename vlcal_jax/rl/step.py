@@ -149,17 +149,11 @@ def _token_logprobs_bwd(chunk_size, residuals, g):
         onehot = jnp.arange(logits.shape[-1]) == t[..., None]
         d_logits = (g_c[..., None] * (onehot - jnp.exp(logits - lse_c[..., None]))).astype(h.dtype)
         d_h = jnp.einsum("ncv,dv->ncd", d_logits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-        # one chunk's [D, V] partial sum, in the compute dtype (the gradient is returned in it;
-        # the sum over chunks is float32): with rows split over chips XLA all-reduces this full
-        # partial on every chip, 0.7 GiB in bfloat16 for Qwen3-VL's 2560 x 151936 head, not 1.45
-        partial = jnp.einsum("ncd,ncv->dv", h, d_logits, preferred_element_type=h.dtype)
-        d_kernel = parallel.constrain(d_kernel + partial.astype(jnp.float32), "fsdp", "tensor")
+        d_kernel = d_kernel + jnp.einsum("ncd,ncv->dv", h, d_logits, preferred_element_type=jnp.float32)
         return d_kernel, d_h.astype(hidden.dtype)
 
     xs = tuple(certainty.to_chunks(x, chunk_size) for x in (hidden, targets, lse, g.astype(jnp.float32)))
-    # the float32 sum is split like the head's parameters (lm_head/kernel: P("fsdp", "tensor"))
-    zeros = parallel.constrain(jnp.zeros(kernel.shape, jnp.float32), "fsdp", "tensor")
-    d_kernel, d_hidden = jax.lax.scan(one, zeros, xs)
+    d_kernel, d_hidden = jax.lax.scan(one, jnp.zeros(kernel.shape, jnp.float32), xs)
     return certainty.from_chunks(d_hidden, hidden.shape[1]), d_kernel.astype(kernel.dtype), None
 
 
@@ -357,10 +351,7 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
     def body(carry, xs):
         grads, sums = carry
         micro, (eff, pg) = xs
-        if pixels_to is not None:
-            vis = micro.inputs.vision
-            vis = vis._replace(pixel_values=jax.device_put(vis.pixel_values, pixels_to))
-            micro = micro._replace(inputs=micro.inputs._replace(vision=vis))
+        micro = _pixels_to_device(micro, pixels_to)
         check_batch(config, micro)
         (loss, metrics), g = jax.value_and_grad(micro_loss, has_aux=True)(
             policy, config, rl, micro, eff, pg, num_tokens, num_pg_tokens)
@@ -371,9 +362,9 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
                 for key in sums}
         return (grads, sums), None
 
-    first = jax.tree.map(lambda x: x[0], (batch, per_micro))
+    first, first_eff = jax.tree.map(lambda x: x[0], (batch, per_micro))
     keys = jax.eval_shape(lambda m, e: micro_loss(state.params, config, rl, m, *e, num_tokens, num_pg_tokens),
-                          *first)[1].keys()
+                          _pixels_to_device(first, pixels_to), first_eff)[1].keys()
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     (grads, sums), _ = jax.lax.scan(body, (zeros, {key: jnp.zeros((), jnp.float32) for key in keys}),
                                     (batch, per_micro))
@@ -382,6 +373,15 @@ def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState,
     metrics.update({k2: v for k2, v in prep_metrics.items() if k2 != "filter_keep_frac"})
     metrics["response_tokens"] = num_tokens
     return _apply_gradients(optimizer, state, metrics["loss"], metrics, grads)
+
+
+def _pixels_to_device(micro: RLBatch, sharding) -> RLBatch:
+    """One micro-batch with its pixel_values copied to the chips (from host memory), or as it is."""
+    if sharding is None:
+        return micro
+    vis = micro.inputs.vision
+    vis = vis._replace(pixel_values=jax.device_put(vis.pixel_values, sharding))
+    return micro._replace(inputs=micro.inputs._replace(vision=vis))
 
 
 def batch_shardings(batch, mesh, micro: bool = False, host_pixels: bool = False):

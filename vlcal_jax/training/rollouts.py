@@ -81,7 +81,8 @@ def generate(config, policy, prompt_inputs, rng, *, prompts_per_chunk: int, samp
 def score(config, policy, ref_params, seq, rng, *, rl: step.RLConfig, num_response: int) -> dict[str, np.ndarray]:
     """step.score over micro-batches of rl.micro_batch_size rows -> per-token statistics [N, M] (host)."""
     rows = np.asarray(seq.input_ids).shape[0]
-    size = chunk_size(rows, rl.micro_batch_size, "rl.micro_batch_size", rl.samples_per_prompt)
+    size = rl.micro_batch_size or rows
+    microbatch.check_size(rows, size, rl.samples_per_prompt)
     score_fn = _under_mesh(step.score, parallel.mesh_of(policy))
     if size == rows:
         stats = score_fn(config, policy, ref_params, seq, rng, rl=rl, num_response=num_response)
@@ -89,9 +90,12 @@ def score(config, policy, ref_params, seq, rng, *, rl: step.RLConfig, num_respon
     n = rl.samples_per_prompt
     seq, per_prompt = microbatch.regular_images(seq, rows // n, n, image_token_id=config.image_token_id,
                                                 merge_unit=config.vision.merge_unit)
+    split = microbatch.parts_per_group(size, n)  # micro-batches per group (a part of a group each)
+    seq = microbatch.split_groups(seq, rows // n, n, per_prompt, split, merge_unit=config.vision.merge_unit)
+    group = n // split
     parts = []
-    for i, start in enumerate(range(0, rows // n, size // n)):
-        micro = microbatch.take_prompts(seq, start, start + size // n, n, per_prompt,
+    for i, start in enumerate(range(0, rows // group, size // group)):
+        micro = microbatch.take_prompts(seq, start, start + size // group, group, per_prompt,
                                         merge_unit=config.vision.merge_unit)
         parts.append(score_fn(config, policy, ref_params, micro, jax.random.fold_in(rng, i), rl=rl,
                               num_response=num_response))
