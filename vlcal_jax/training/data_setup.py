@@ -105,8 +105,8 @@ def setup_data(config: ml_collections.ConfigDict, run_dir: storage.RunDir) -> Tr
 
     check_files(train_files + eval_files)
     count = jax.process_count()
-    train_reader = reader.BlockReader(train_files, block=per_process(config.rl.prompts_per_step, "rl.prompts_per_step"),
-                                      seed=d.seed, shuffle=True, **kwargs)
+    block = per_process(config.rl.prompts_per_step, "rl.prompts_per_step")
+    train_reader = reader.BlockReader(train_files, block=block, seed=d.seed, shuffle=True, **kwargs)
     if d.eval_benchmark:
         eval_examples = benchmarks.load_benchmark(d.eval_benchmark, d.eval_benchmark_dir, limit=config.eval.size)
     elif eval_files:

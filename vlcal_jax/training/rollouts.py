@@ -91,7 +91,8 @@ def score(config, policy, ref_params, seq, rng, *, rl: step.RLConfig, num_respon
     """step.score over micro-batches of rl.micro_batch_size rows -> per-token statistics [N, M] (host)."""
     rows = np.asarray(seq.input_ids).shape[0]
     count = jax.process_count()
-    size = chunk_size(rows * count, rl.micro_batch_size, "rl.micro_batch_size", rl.samples_per_prompt * count) // count
+    size = chunk_size(rows * count, rl.micro_batch_size, "rl.micro_batch_size", rl.samples_per_prompt * count)
+    size //= count
     mesh = parallel.mesh_of(policy)
     score_fn = _under_mesh(step.score, mesh)
     prompt_length = np.asarray(seq.input_ids).shape[1] - num_response

@@ -155,7 +155,8 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
                                  response_length=config.rl.max_new_tokens,
                                  length_buckets=tuple(config.data.length_buckets),
                                  patch_bucket=config.data.patch_bucket or None,
-                                 num_images=len(examples) * config.data.max_images_per_prompt, prompt=config.rl.prompt)
+                                 num_images=len(examples) * config.data.max_images_per_prompt,
+                                 prompt=config.rl.prompt)
         if multihost.multiprocess():
             inputs = multihost.offset_image_index(inputs, model_config.image_token_id, model_config.vision.merge_unit,
                                                   inputs.input_ids.shape[1] - config.rl.max_new_tokens)
