@@ -10,7 +10,8 @@ are left-padded to a few length buckets, so a whole evaluation compiles a handfu
 programs. The device samples batch k+1 while the host decodes and grades batch k.
 With several processes (a multi-host run) each process encodes and decodes its share of
 every batch (the batch is one global array); the responses are then gathered, so every
-process returns the same list, in example order.
+process returns the same list, in example order, and `evaluate` grades every P-th response
+on each of the P processes and gathers the records.
 
 Each response becomes a record (`score_responses`): the parsed answer graded against the
 gold one, the two stated confidences (PAPER.md section 2), their harmonic combination
@@ -392,7 +393,14 @@ def evaluate(config, params, tokenizer, image_config, examples: Sequence, *, mod
                                      prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, length_buckets=length_buckets)
     seconds = time.perf_counter() - started
-    records = score_responses(examples, generations, mode=mode)
+    if multihost.multiprocess():  # each process grades every count-th response; the records are gathered
+        count, p = jax.process_count(), jax.process_index()
+        parts = multihost.allgather_json(score_responses(examples[p::count], generations[p::count], mode=mode))
+        records = [None] * len(examples)
+        for q, part in enumerate(parts):
+            records[q::count] = part
+    else:
+        records = score_responses(examples, generations, mode=mode)
     total_tokens = int(sum(g.num_tokens for g in generations))
     settings = {"mode": mode, "prompt": prompt or mode, "n_examples": len(examples), "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
