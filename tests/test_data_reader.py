@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlcal_jax.data import RecordReader, read_examples
+from vlcal_jax.data import BlockReader, RecordReader, read_examples
 
 
 def _png(value: int, size=(6, 5)) -> bytes:
@@ -229,3 +229,44 @@ def test_shard_sizes_cover_uneven_splits():
                                                 num_epochs=1, image_key=None)]
     assert sorted(seen, key=int) == [str(i) for i in range(7)]
     np.testing.assert_equal(len(seen), 7)
+
+
+def test_block_reader_with_one_process_is_the_record_reader(tmp_path):
+    _good_jsonl(tmp_path / "d.jsonl", 7)
+    plain = RecordReader(str(tmp_path / "d.jsonl"), seed=3, process_index=0, process_count=1)
+    blocks = BlockReader(str(tmp_path / "d.jsonl"), block=4, seed=3, process_index=0, process_count=1)
+    assert _ids(blocks.take(20)) == _ids(plain.take(20))  # across epoch boundaries too
+
+
+@pytest.mark.parametrize("processes, block", [(2, 2), (3, 1)])
+def test_block_readers_of_every_process_give_the_one_process_batches(tmp_path, processes, block):
+    """Step s takes `block` rows on each process; process after process they are the rows the
+    one-process reader gives for step s (global batch = processes x block), and each process
+    reads only rows of its own blocks."""
+    _good_jsonl(tmp_path / "d.jsonl", 10)
+    path = str(tmp_path / "d.jsonl")
+    one = RecordReader(path, seed=1, process_index=0, process_count=1)
+    readers = [BlockReader(path, block=block, seed=1, process_index=p, process_count=processes)
+               for p in range(processes)]
+    for _ in range(7):  # 7 steps > one epoch of 10 rows
+        want = _ids(one.take(processes * block))
+        assert [i for r in readers for i in _ids(r.take(block))] == want
+
+
+def test_block_reader_restores_on_another_process_count(tmp_path):
+    """A state saved by 2 processes after 3 steps resumes 1 process at step 4, and vice versa."""
+    _good_jsonl(tmp_path / "d.jsonl", 9)
+    path = str(tmp_path / "d.jsonl")
+    one = BlockReader(path, block=4, seed=2, process_index=0, process_count=1)
+    steps = [_ids(one.take(4)) for _ in range(5)]
+    two = [BlockReader(path, block=2, seed=2, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(3):
+        for r in two:
+            r.take(2)
+    resumed = BlockReader(path, block=4, seed=2, process_index=0, process_count=1)
+    resumed.restore(two[0].state())
+    assert _ids(resumed.take(4)) == steps[3]
+    back = [BlockReader(path, block=2, seed=2, process_index=p, process_count=2) for p in range(2)]
+    for r in back:
+        r.restore(resumed.state())
+    assert [i for r in back for i in _ids(r.take(2))] == steps[4]

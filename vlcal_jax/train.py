@@ -8,12 +8,18 @@ Flags and logging; the run itself (stages, GRPO loop, checkpoints, export) is
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from vlcal_jax.training import logs, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)")
+# multi-process runs (every process runs the same command); on a TPU pod all three are discovered
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (or VLCAL_COORDINATOR)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job (or VLCAL_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (or VLCAL_PROCESS_ID)")
 
 
 def parse_flags(argv):
@@ -35,6 +41,10 @@ def main(argv):
     del argv
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config experiments/cpu_demo.py")
+    for flag, name in ((_COORDINATOR, "VLCAL_COORDINATOR"), (_NUM_PROCESSES, "VLCAL_NUM_PROCESSES"),
+                       (_PROCESS_ID, "VLCAL_PROCESS_ID")):
+        if flag.value is not None:  # read by parallel.initialize, which loop.run calls first
+            os.environ[name] = str(flag.value)
     logs.setup_logging()
     loop.run(_CONFIG.value)
 

@@ -258,3 +258,99 @@ def _describe(data: Any) -> str:
     if isinstance(data, Sequence) and all(isinstance(d, (str, os.PathLike)) for d in data):
         return ", ".join(map(os.fspath, data))
     return getattr(data, "name", type(data).__name__)
+
+
+class BlockReader(RecordReader):
+    """A RecordReader whose processes share one global order, read in blocks of `block` rows:
+    process p reads blocks p, p + P, p + 2P ... of the seeded epoch orders of the whole data set
+    laid end to end. A step that takes `block` examples on every process therefore sees the
+    same global batch (process after process) whatever the process count, which makes a run
+    reproducible across layouts and lets a checkpoint resume on another process count
+    (`restore` of any process's state). With one process the order is RecordReader's.
+
+    A process still reads only its own rows (the rows of its blocks); a skipped bad row is
+    replaced by the next row of the same process, so with bad rows the global batch depends on
+    the layout."""
+
+    def __init__(self, data: Any, *, block: int, **kwargs):
+        if block < 1:
+            raise ValueError(f"block={block} must be >= 1")
+        self.block = int(block)
+        self._k = 0  # stream items this process has consumed (read or skipped)
+        super().__init__(data, **kwargs)
+        self._keep_epoch_rows(0)
+
+    def _shard_rows(self) -> np.ndarray:
+        """Every row, in the seeded order every process shares (RecordReader's with one process)."""
+        if self.shuffle:
+            return np.random.default_rng([self.seed]).permutation(self.num_rows)
+        return np.arange(self.num_rows)
+
+    def _global_position(self, k: int) -> int:
+        b, count = self.block, self.process_count
+        return (k // b) * b * count + self.process_index * b + k % b
+
+    def _keep_epoch_rows(self, epoch: int) -> None:
+        if self.process_count == 1:
+            return
+        start = epoch * self.num_rows
+        positions = np.arange(start, start + self.num_rows)
+        mine = positions[(positions // self.block) % self.process_count == self.process_index] - start
+        self.source.keep_only(self.shard_rows[self._epoch_order(epoch)[mine]].tolist())
+
+    def __len__(self) -> int:
+        """Rows this process reads per epoch (about num_rows / process_count)."""
+        return self.num_rows // self.process_count + int(self.process_index < self.num_rows % self.process_count)
+
+    def __next__(self) -> Example:
+        while True:
+            epoch, position = divmod(self._global_position(self._k), self.num_rows)
+            if self.num_epochs is not None and epoch >= self.num_epochs:
+                raise StopIteration
+            while epoch > self._epoch:
+                self._end_epoch()
+                self._keep_epoch_rows(self._epoch)
+            index = int(self.shard_rows[self._order[position]])
+            self._k += 1
+            self._position = position + 1
+            try:
+                example = self._example(index)
+            except BadRowError as error:
+                self.skipped.skip(self.source.where(index), error)
+                continue
+            self._yielded += 1
+            return example
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "block": self.block, "consumed": self._k}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continues from a `state()` of a reader over the same data and seed, on this or another
+        process layout: a state of another layout (process count or block) resumes at the first
+        global step it had not started (steps are whole blocks of every process)."""
+        for key, value in {"seed": self.seed, "num_rows": self.num_rows}.items():
+            if state.get(key) != value:
+                raise ValueError(f"cannot restore reader state: its {key} is {state.get(key)!r}, this "
+                                 f"reader's is {value!r} (different data or seed)")
+        if "consumed" in state:
+            consumed, block, count = int(state["consumed"]), int(state["block"]), int(state["num_shards"])
+        else:  # a RecordReader state of one process
+            if state.get("num_shards", 1) != 1:
+                raise ValueError("cannot restore a sharded RecordReader state into a BlockReader")
+            consumed = int(state["epoch"]) * self.num_rows + int(state["position"])
+            block, count = 1, 1
+        same = block == self.block and count == self.process_count and state.get("shard") == self.process_index
+        if same:
+            self._k = consumed
+        else:
+            steps = -(-consumed // block)  # global steps started; each took `block` rows per process
+            if consumed % block:
+                logger.warning("reader state of another layout stopped inside a step (%d of %d rows); resuming "
+                               "at the next step", consumed % block, block)
+            self._k = steps * self.block
+        self._epoch = self._global_position(self._k) // self.num_rows if self._k else 0
+        self._position = 0
+        self._yielded = int(state.get("yielded", 0)) if same else 0
+        self.skipped.load(state.get("skipped", {}) if same else {})
+        self._order = self._epoch_order(self._epoch)
+        self._keep_epoch_rows(self._epoch)

@@ -8,6 +8,10 @@ Generation follows the validation setting of PAPER.md section 6 (temperature 0.6
 batches of `batch_size`, the last one padded with copies of its final example, and prompts
 are left-padded to a few length buckets, so a whole evaluation compiles a handful of
 programs. The device samples batch k+1 while the host decodes and grades batch k.
+With several processes (a multi-host run) each process encodes and decodes its share of
+every batch (the batch is one global array); the responses are then gathered, so every
+process returns the same list, in example order, and `evaluate` grades every P-th response
+on each of the P processes and gathers the records.
 
 Each response becomes a record (`score_responses`): the parsed answer graded against the
 gold one, the two stated confidences (PAPER.md section 2), their harmonic combination
@@ -39,6 +43,7 @@ from vlcal_jax import parallel, processing, sampling
 from vlcal_jax.data import scenes
 from vlcal_jax.eval import metrics as m
 from vlcal_jax.eval import plots
+from vlcal_jax.parallel import multihost
 from vlcal_jax.rl import format as rformat
 from vlcal_jax.rl import rewards, rollout
 from vlcal_jax.rl.grading import grade_answer
@@ -119,39 +124,52 @@ def generate_responses(config, params, tokenizer, image_config, examples: Sequen
     if pad is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = '<|endoftext|>' (Qwen's pad)")
     key = jax.random.key(seed)
-    bar = _progress(len(examples), "evaluate")
-    out: list[Generation] = []
+    bar = _progress(len(examples), "evaluate") if jax.process_index() == 0 else None
+    count, p = jax.process_count(), jax.process_index()
+    if batch_size % count:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the {count} processes")
+    share = batch_size // count
+    mesh = parallel.mesh_of(params)
+    out: list[list[Generation]] = []  # this process's responses, batch by batch
 
-    def collect(count: int, sample: sampling.SampleOutput) -> None:
-        finished = np.asarray(sample.finished)[:count]
-        lengths = np.asarray(sample.lengths)[:count]
-        tokens = np.asarray(sample.tokens)[:count]
+    def collect(real: int, sample: sampling.SampleOutput) -> None:
+        finished = multihost.local_rows(sample.finished)[:real]
+        lengths = multihost.local_rows(sample.lengths)[:real]
+        tokens = multihost.local_rows(sample.tokens)[:real]
         texts, _, _ = rollout.decode_responses(tokenizer, tokens, lengths - finished, mode)
-        out.extend(Generation(t, int(n), bool(f)) for t, n, f in zip(texts, lengths, finished))
+        out.append([Generation(t, int(n), bool(f)) for t, n, f in zip(texts, lengths, finished)])
         if bar is not None:
-            bar.update(count)
+            bar.update(real * count)
 
     pending = None
     for index, start in enumerate(range(0, len(examples), batch_size)):
         chunk = examples[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         try:
-            batch = rollout.encode_examples(padded, tokenizer, config, image_config, mode=prompt or mode,
-                                            length_buckets=tuple(length_buckets))
+            batch = rollout.encode_examples(padded[p * share:(p + 1) * share], tokenizer, config, image_config,
+                                            mode=prompt or mode, length_buckets=tuple(length_buckets),
+                                            same_shapes_everywhere=count > 1)
         except ValueError as error:
             raise ValueError(f"examples {[ex.id for ex in chunk]}: {error}") from error
-        with parallel.use_mesh(parallel.mesh_of(params)):  # rows split over the mesh the params are on
+        inputs = batch.inputs
+        if count > 1:
+            inputs = multihost.offset_image_index(inputs, config.image_token_id, config.vision.merge_unit)
+            inputs = multihost.to_global(inputs, mesh, what="evaluation batch")
+        with parallel.use_mesh(mesh):  # rows split over the mesh the params are on
             sample = sampling.generate_from_inputs(
-                config, params, batch.inputs, jax.random.fold_in(key, index), jnp.float32(temperature or 1.0),
+                config, params, inputs, jax.random.fold_in(key, index), jnp.float32(temperature or 1.0),
                 jnp.float32(top_p), max_new_tokens=int(max_new_tokens), n=1, greedy=temperature == 0, top_k=0,
                 eos_token_ids=eos, pad_token_id=int(pad), use_top_p=top_p < 1.0)
         if pending is not None:
             collect(*pending)
-        pending = (len(chunk), sample)
+        pending = (min(max(len(chunk) - p * share, 0), share), sample)
     collect(*pending)
     if bar is not None:
         bar.close()
-    return out
+    if count == 1:
+        return [g for part in out for g in part]
+    gathered = multihost.allgather_json([[dataclasses.astuple(g) for g in part] for part in out])
+    return [Generation(*g) for b in range(len(out)) for part in gathered for g in part[b]]
 
 
 def has_scene_facts(example) -> bool:
@@ -375,7 +393,14 @@ def evaluate(config, params, tokenizer, image_config, examples: Sequence, *, mod
                                      prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, length_buckets=length_buckets)
     seconds = time.perf_counter() - started
-    records = score_responses(examples, generations, mode=mode)
+    if multihost.multiprocess():  # each process grades every count-th response; the records are gathered
+        count, p = jax.process_count(), jax.process_index()
+        parts = multihost.allgather_json(score_responses(examples[p::count], generations[p::count], mode=mode))
+        records = [None] * len(examples)
+        for q, part in enumerate(parts):
+            records[q::count] = part
+    else:
+        records = score_responses(examples, generations, mode=mode)
     total_tokens = int(sum(g.num_tokens for g in generations))
     settings = {"mode": mode, "prompt": prompt or mode, "n_examples": len(examples), "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,

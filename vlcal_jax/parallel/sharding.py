@@ -73,6 +73,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh {dict(zip(AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    if jax.process_count() > 1:
+        # process by process, so that each process's devices hold one contiguous block of the
+        # batch rows (parallel.multihost: each process feeds and reads only its own rows)
+        devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+        return Mesh(np.asarray(devices, object).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
     return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 

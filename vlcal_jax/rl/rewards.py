@@ -85,7 +85,7 @@ def total_reward(accuracy, brier, fmt, r_vis, *, lambda_acc: float, lambda_cal: 
             + lambda_fmt * np.asarray(fmt, np.float64) + lambda_vis * np.asarray(r_vis, np.float64))
 
 
-def _batch_soft_labels(vision_kl, vision_entropy, has_vision) -> np.ndarray:
+def batch_soft_labels(vision_kl, vision_entropy, has_vision) -> np.ndarray:
     """Checks the per-response vision statistics [N] and returns `certainty.soft_labels` (nan = no label)."""
     kl, entropy = np.asarray(vision_kl, np.float64), np.asarray(vision_entropy, np.float64)
     n = len(has_vision)
@@ -122,6 +122,7 @@ def _optional(values) -> np.ndarray:
 def vl_calibration(
     responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
     lambda_acc: float = 1.0, lambda_cal: float = 2.0, lambda_fmt: float = 0.4, lambda_vis: float = 0.4,
+    soft_label=None,
 ) -> dict[str, np.ndarray]:
     """R = lambda_acc I + lambda_cal B + lambda_fmt fmt + lambda_vis R_vis (PAPER.md section 3).
 
@@ -129,7 +130,9 @@ def vl_calibration(
     tokens (section 4, `rollout.response_vision_stats`; nan where it has none); the soft
     labels (`certainty.soft_labels`) are computed over this batch.
     Both may be None only with lambda_vis = 0 (R_vis is then -1 everywhere, as in the
-    released code without statistics).
+    released code without statistics). `soft_label` [N]: labels already computed over a larger
+    batch that these responses are part of (a multi-process step: `certainty.soft_labels` over
+    every process's responses); it replaces the labels of this batch.
     """
     choices = _check_batch(responses, golds, choices)
     parsed = [parse_response(text, "decoupled") for text in responses]
@@ -138,7 +141,11 @@ def vl_calibration(
     v = _optional(p.vision_confidence for p in parsed)
     r = _optional(p.reasoning_confidence for p in parsed)
     has_vision = np.array([p.has_vision for p in parsed])
-    if vision_kl is None or vision_entropy is None:
+    if soft_label is not None:
+        labels = np.asarray(soft_label, np.float64)
+        if labels.shape != (len(parsed),):
+            raise ValueError(f"soft_label {labels.shape} must be [{len(parsed)}]")
+    elif vision_kl is None or vision_entropy is None:
         if lambda_vis != 0.0:
             raise ValueError(
                 "vl_calibration needs vision_kl and vision_entropy [N] (PAPER.md section 4) to build the soft "
@@ -146,7 +153,7 @@ def vl_calibration(
             )
         labels = np.full(len(parsed), np.nan)
     else:
-        labels = _batch_soft_labels(vision_kl, vision_entropy, has_vision)
+        labels = batch_soft_labels(vision_kl, vision_entropy, has_vision)
     phi = harmonic_confidence(v, r)
     brier = brier_term(phi, accuracy)
     r_vis = visual_calibration_term(v, labels)

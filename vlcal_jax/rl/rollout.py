@@ -30,9 +30,31 @@ class PromptBatch:
 
 def encode_examples(examples: Sequence, tokenizer, config: ModelConfig, image_config, *, mode: str = "decoupled",
                     length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
-                    patch_bucket: int | None = None, num_images: int | None = None) -> PromptBatch:
+                    patch_bucket: int | None = None, num_images: int | None = None,
+                    same_shapes_everywhere: bool = False) -> PromptBatch:
     """Examples (question with `<image>` placeholders, PIL images) -> a PromptBatch. `mode`
-    picks the instruction (processing.INSTRUCTIONS: decoupled, decoupled_short, rlcr, plain)."""
+    picks the instruction (processing.INSTRUCTIONS: decoupled, decoupled_short, rlcr, plain).
+
+    `same_shapes_everywhere`: in a multi-process run, this process's share of a global batch,
+    padded to the length, patch and image buckets of the largest share (every process must
+    give the same shapes to make one global array); a no-op with one process."""
+    batch = _encode_examples(examples, tokenizer, config, image_config, mode=mode, length_buckets=length_buckets,
+                             patch_bucket=patch_bucket, num_images=num_images)
+    if not same_shapes_everywhere:
+        return batch
+    from vlcal_jax.parallel import multihost
+
+    vis = batch.inputs.vision
+    mine = (batch.inputs.input_ids.shape[1],) + ((0, 0) if vis is None else vis.pixel_values.shape[:2][::-1])
+    agreed = multihost.agree_max(*mine)
+    if agreed == mine:
+        return batch
+    return _encode_examples(examples, tokenizer, config, image_config, mode=mode, length_buckets=(agreed[0],),
+                            patch_bucket=agreed[1] or None, num_images=agreed[2] or None)
+
+
+def _encode_examples(examples, tokenizer, config, image_config, *, mode, length_buckets, patch_bucket, num_images):
+    """encode_examples for one set of buckets."""
     merge = config.vision.spatial_merge_size
     texts, all_images, grids = [], [], []
     for ex in examples:
@@ -168,6 +190,18 @@ def decode_responses(tokenizer, tokens, lengths, mode: str = "decoupled"):
     return texts, masks, parsed
 
 
+def global_soft_labels(texts, vision_kl, vision_entropy) -> np.ndarray:
+    """The soft labels S_vis [N] of this process's N responses, their z-score taken over every
+    process's responses of the step (PAPER.md section 4: batch-wide statistics stay batch-wide);
+    only the per-response statistics cross hosts. One process: `certainty.soft_labels` of the batch."""
+    from vlcal_jax.parallel import multihost
+
+    has_vision = np.array([rformat.parse_response(t, "decoupled").has_vision for t in texts], bool)
+    kl, entropy = (multihost.allgather_rows(np.asarray(a, np.float64)) for a in (vision_kl, vision_entropy))
+    labels = rewards.batch_soft_labels(kl, entropy, multihost.allgather_rows(has_vision))
+    return multihost.local_rows(labels)
+
+
 def response_vision_stats(token_stats: dict, vision_mask, variant: str = "paper") -> tuple[np.ndarray, np.ndarray]:
     """D_KL and H of PAPER.md section 4: each response's means over its vision-span tokens.
 
@@ -189,11 +223,14 @@ def response_vision_stats(token_stats: dict, vision_mask, variant: str = "paper"
 
 
 def score_rewards(texts, examples, n: int, *, reward: str = "vl_calibration", vision_kl=None, vision_entropy=None,
-                  **weights) -> dict[str, np.ndarray]:
-    """Rewards of N = len(examples) * n responses (PAPER.md section 3) and GRPO advantages."""
+                  soft_label=None, **weights) -> dict[str, np.ndarray]:
+    """Rewards of N = len(examples) * n responses (PAPER.md section 3) and GRPO advantages
+    (groups of n adjacent responses: whole groups only). `soft_label` [N]: batch-wide soft
+    labels computed elsewhere (over every process's responses), for the rewards that use them."""
     golds = [ex.answer for ex in examples for _ in range(n)]
     choices = [ex.choices for ex in examples for _ in range(n)]
+    extra = {} if soft_label is None else {"soft_label": soft_label}
     out = rewards.get(reward)(list(texts), golds, choices=choices, vision_kl=vision_kl,
-                              vision_entropy=vision_entropy, **weights)
+                              vision_entropy=vision_entropy, **extra, **weights)
     out["advantage"] = np.asarray(grpo.group_advantages(np.asarray(out["reward"], np.float32), n))
     return out

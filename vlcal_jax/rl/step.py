@@ -21,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from vlcal_jax import parallel
+from vlcal_jax.parallel import multihost
 from vlcal_jax.models import qwen3_vl, text
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.rl import certainty, grpo, losses, perturb
@@ -429,11 +430,19 @@ class MicroBatchedStep:
         self.config, self.rl, self.mesh = config, rl, mesh
         self._body = functools.partial(_micro_step, config, rl, optimizer)
         self._compiled = {}
+        count = jax.process_count()
+        if count > 1 and rl.micro_batch_size % (count * rl.samples_per_prompt):
+            raise ValueError(f"rl.micro_batch_size={rl.micro_batch_size} must be a multiple of samples_per_prompt x "
+                             f"processes = {rl.samples_per_prompt * count}: each process gives whole groups to "
+                             "every micro-batch")
+        # with several processes the batch is this process's rows; micro-batch k takes its share
+        # of every process's rows (parallel.multihost.to_global)
+        self._local_size = rl.micro_batch_size // count
 
     def split(self, batch: RLBatch) -> RLBatch:
         from vlcal_jax.rl import microbatch
 
-        micro = microbatch.split(jax.tree.map(np.asarray, batch), self.rl.micro_batch_size,
+        micro = microbatch.split(jax.tree.map(np.asarray, batch), self._local_size,
                                  self.rl.samples_per_prompt, image_token_id=self.config.image_token_id,
                                  merge_unit=self.config.vision.merge_unit)
         vis = micro.inputs.vision
@@ -442,7 +451,11 @@ class MicroBatchedStep:
         # pixels travel in the compute dtype, which the vision tower casts them to first thing:
         # bfloat16 halves the batch and changes nothing
         vis = vis._replace(pixel_values=vis.pixel_values.astype(self.config.compute_dtype))
-        return micro._replace(inputs=micro.inputs._replace(vision=vis))
+        micro = micro._replace(inputs=micro.inputs._replace(vision=vis))
+        if multihost.multiprocess():
+            micro = global_batch(self.config, micro, self.mesh, micro=True,
+                                 host_pixels=self.rl.offload_pixels and vis is not None)
+        return micro
 
     def jitted(self, state, micro_batches):
         """The jit for this (micro-batched) batch's shapes, with shardings on a mesh."""
@@ -472,6 +485,16 @@ class MicroBatchedStep:
             return self.jitted(state, micro)(state, micro, rng)
 
 
+def global_batch(config: ModelConfig, batch: RLBatch, mesh, micro: bool = False, host_pixels: bool = False) -> RLBatch:
+    """This process's host RLBatch (flat, or micro-batched [K, N_local / K, ...]) -> the global
+    batch of every process's rows (parallel.multihost.to_global)."""
+    prompt_length = batch.inputs.input_ids.shape[-1] - batch.response_mask.shape[-1]
+    inputs = multihost.offset_image_index(batch.inputs, config.image_token_id, config.vision.merge_unit,
+                                          prompt_length, micro=micro)
+    return multihost.to_global(batch._replace(inputs=inputs), mesh, micro=micro, what="update batch",
+                               host_pixels=host_pixels)
+
+
 def make_train_step(config: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransformation, mesh=None):
     """`train_step(state, batch, rng) -> (state, metrics)`: one jit, state donated. With a mesh,
     the step is compiled with explicit in/out shardings (state as it is sharded, batch rows
@@ -486,6 +509,8 @@ def make_train_step(config: ModelConfig, rl: RLConfig, optimizer: optax.Gradient
     compiled = {}
 
     def train_step(state, batch, rng):
+        if multihost.multiprocess():
+            batch = global_batch(config, batch, mesh)
         key = jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch))
         if key not in compiled:
             state_sh = jax.tree.map(lambda x: x.sharding, state)

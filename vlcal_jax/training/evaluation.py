@@ -18,15 +18,26 @@ def perception_metrics(texts, examples, n: int, rewards: dict) -> dict:
 
     texts [N] and every rewards array [N] are per response, N = len(examples) * n, the n
     responses of a prompt adjacent; only the responses to prompts with scene facts count."""
+    return perception_summary(perception_correct(texts, examples, n), rewards)
+
+
+def perception_correct(texts, examples, n: int) -> np.ndarray:
+    """Whether each response's vision span is right [N] (1 / 0), NaN for prompts without scene facts."""
     row_examples = [ex for ex in examples for _ in range(n)]  # response i answers row_examples[i]
-    rows = [i for i, ex in enumerate(row_examples) if "facts" in (ex.meta or {})]
-    if not rows:
+    return np.array([float(scenes.score_perception(text, ex).correct) if "facts" in (ex.meta or {}) else np.nan
+                     for text, ex in zip(texts, row_examples)], float)
+
+
+def perception_summary(correct, rewards: dict) -> dict:
+    """perception_metrics from `perception_correct` [N] and the rewards [N] (of the whole batch)."""
+    rows = np.flatnonzero(np.isfinite(correct))
+    if not len(rows):
         return {}
-    correct = np.array([scenes.score_perception(texts[i], row_examples[i]).correct for i in rows], float)
+    correct = np.asarray(correct, float)[rows]
     out = {"perception/correct": float(correct.mean())}
     for key, name in (("soft_label", "perception/auroc_soft_label"),
                       ("vision_confidence", "perception/auroc_vision_confidence")):
-        values = np.asarray(rewards.get(key, np.full(len(texts), np.nan)), float)[rows]
+        values = np.asarray(rewards[key], float)[rows] if key in rewards else np.full(len(rows), np.nan)
         ok = np.isfinite(values)
         if ok.sum() > 1 and 0 < correct[ok].mean() < 1:
             out[name] = float(M.auroc(values[ok], correct[ok]))
@@ -65,8 +76,9 @@ class Evaluator:
                           max_new_tokens=self.config.rl.max_new_tokens, temperature=e.temperature,
                           top_p=e.top_p, seed=self.config.seed,
                           length_buckets=tuple(self.config.data.length_buckets),
-                          out_dir=self.run_dir.local("eval", tag))
-        self.run_dir.publish("eval", tag)
+                          out_dir=self.run_dir.local("eval", tag) if writer.enabled else None)
+        if writer.enabled:  # process 0 writes; every process evaluates its share (eval.evaluate)
+            self.run_dir.publish("eval", tag)
         overall = flatten_metrics(result.metrics["overall"])
         writer.write(step, {f"eval/{k}": v for k, v in overall.items()})
         log.info("eval %s: %s", tag, ", ".join(f"{k}={v:.3f}" for k, v in sorted(overall.items())

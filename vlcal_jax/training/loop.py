@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from vlcal_jax import parallel
+from vlcal_jax.parallel import multihost
 from vlcal_jax.rl import rollout, step
 from vlcal_jax.training import checkpoints, data_setup, evaluation, export, logs, model_setup, rollouts, storage, warm
 
@@ -46,14 +47,17 @@ def rl_config(config: ml_collections.ConfigDict, image_config=None) -> step.RLCo
 
 
 def rl_iteration(ctx, state, ref_params, examples, rng):
-    """One GRPO step on `examples` (the local prompts): returns (state, metrics dict)."""
+    """One GRPO step on `examples` (this process's prompts; with several processes the step's
+    batch is every process's, in process order): returns (state, metrics dict). Metrics are
+    over the whole step's batch, the same numbers on every process."""
     config, rl, r = ctx.model_config, ctx.rl, ctx.config.rl
     n, m = rl.samples_per_prompt, r.max_new_tokens
     k_sample, k_score, k_step = jax.random.split(rng, 3)
     prompts = rollout.encode_examples(examples, ctx.tokenizer, config, ctx.image_config, mode=r.prompt,
                                       length_buckets=tuple(ctx.config.data.length_buckets),
                                       patch_bucket=ctx.config.data.patch_bucket or None,
-                                      num_images=len(examples) * ctx.config.data.max_images_per_prompt)
+                                      num_images=len(examples) * ctx.config.data.max_images_per_prompt,
+                                      same_shapes_everywhere=multihost.multiprocess())
     t0 = time.perf_counter()
     # rollouts and scoring read the policy in the compute dtype, cast once per step from the
     # float32 masters (what the update's matmuls see: the same rounding, so old_logp is on-policy)
@@ -71,8 +75,11 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     del policy, ref
     t2 = time.perf_counter()
     kl, ent = rollout.response_vision_stats(stats, vision_mask, variant=r.soft_label_variant)
+    labels = None
+    if multihost.multiprocess() and r.reward == "vl_calibration":
+        labels = rollout.global_soft_labels(texts, kl, ent)
     rewards = rollout.score_rewards(texts, examples, n, reward=r.reward, vision_kl=kl, vision_entropy=ent,
-                                    **dict(r.reward_weights))
+                                    soft_label=labels, **dict(r.reward_weights))
     response_mask = (np.arange(m)[None] < lengths[:, None]).astype(np.float32)
     batch = step.RLBatch(seq, response_mask, vision_mask.astype(np.float32), rewards["advantage"].astype(np.float32),
                          stats["logp"], stats["ref_logp"], stats["k3"], stats["nll"], stats["kl"], stats["entropy"])
@@ -80,16 +87,24 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     update_metrics = {k: float(v) for k, v in update_metrics.items()}
     t3 = time.perf_counter()
     metrics = {f"update/{k}": v for k, v in update_metrics.items()}
+    # per-response values of every process (small host arrays), so that the means below are over
+    # the whole step's batch, in the order one process would have them
+    rows = multihost.allgather_rows
+    perception = evaluation.perception_correct(texts, examples, n)
+    rewards = {key: rows(np.asarray(value, np.float64)) for key, value in rewards.items()}
     for key, value in rewards.items():
-        value = np.asarray(value, np.float64)
-        if value.dtype.kind in "fb" and np.isfinite(value).any():
+        if np.isfinite(value).any():
             metrics[f"reward/{key}"] = float(np.nanmean(value))
-    metrics["rollout/response_length"] = float(lengths.mean())
-    metrics["rollout/finished"] = float(out.finished.mean())
-    metrics["rollout/has_vision_span"] = float(vision_mask.any(-1).mean())
+    kl, ent = rows(kl), rows(ent)
+    metrics["rollout/response_length"] = float(rows(lengths).mean())
+    # mean log-prob of the sampled tokens under the policy (how sharp the sampling distribution is)
+    logprob = np.sum(np.asarray(stats["logp"], np.float64) * response_mask, -1) / np.maximum(lengths, 1)
+    metrics["rollout/logprob"] = float(rows(logprob).mean())
+    metrics["rollout/finished"] = float(rows(out.finished).mean())
+    metrics["rollout/has_vision_span"] = float(rows(vision_mask.any(-1)).mean())
     metrics["vce/vision_kl"] = float(np.nanmean(kl)) if np.isfinite(kl).any() else 0.0
     metrics["vce/vision_entropy"] = float(np.nanmean(ent)) if np.isfinite(ent).any() else 0.0
-    metrics.update(evaluation.perception_metrics(texts, examples, n, rewards))
+    metrics.update(evaluation.perception_summary(rows(perception), rewards))
     metrics.update({"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2})
     return state, metrics
 
@@ -144,7 +159,8 @@ def warm_stage(config, run_dir, model_config, params, tokenizer, image_config, d
         log.info("warm start restored from %s (not recomputed)", run_dir.path("warm_start"))
         store.close()
         return restored
-    logs.keep_metrics(writer.path, lambda row: not _is_sft(row))
+    if writer.enabled:
+        logs.keep_metrics(writer.path, lambda row: not _is_sft(row))
     params = warm.warm_start(config, model_config, params, tokenizer, image_config, data, writer)
     store.save(params)
     store.close()
@@ -157,11 +173,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     Resumable at any point: a rerun of the same command restores the warm start, the reference
     model, the newest train-state checkpoint, the data position and the rng, and continues as if
     it had never stopped (same metrics, bit for bit on CPU). Log handlers are the caller's
-    (`logs.setup_logging`, which the CLI calls)."""
+    (`logs.setup_logging`, which the CLI calls).
+
+    Multi-process (the same command on every process, parallel.initialize): each process reads,
+    encodes, decodes and grades its share of every batch (data.reader.BlockReader); device work
+    runs on global arrays; process 0 alone writes logs, plots, the summary and the export;
+    checkpoints are saved and restored by all processes together (every process's reader
+    position in them), also on another process count."""
     parallel.initialize()
-    if jax.process_count() > 1:
-        raise SystemExit("vlcal_jax.train drives one controller process; multi-process (multi-host) "
-                         "training is not wired yet: run on a single host (one TPU VM / GPU node) for now.")
     with Preemption() as preemption:  # from the start: a SIGTERM during set-up ends at the first step
         return _run(config, preemption)
 
@@ -169,16 +188,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
 def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
     run_dir = storage.RunDir(config.workdir)
     log.info("workdir: %s%s", run_dir.root, f" (local mirror {run_dir.local_root})" if run_dir.remote else "")
-    run_dir.write_text("config.json", config.to_json_best_effort(indent=2))
+    main_process = jax.process_index() == 0
+    if main_process:
+        run_dir.write_text("config.json", config.to_json_best_effort(indent=2))
     mesh = parallel.make_mesh(**config.mesh)
+    multihost.check_mesh(mesh)
     log.info("mesh %s on %d %s devices", dict(mesh.shape), jax.device_count(), jax.devices()[0].platform)
     rng = jax.random.key(config.seed)
 
     data = data_setup.setup_data(config, run_dir)
     tokenizer, model_config, params, image_config = model_setup.setup_model(config, data, rng, run_dir)
     params = parallel.shard_params(params, mesh)
-    main_process = jax.process_index() == 0
-    if run_dir.remote:  # the URL's log is the truth; a local mirror may be older or newer
+    if run_dir.remote and main_process:  # the URL's log is the truth; a local mirror may be older or newer
         run_dir.reset_local("metrics.jsonl")
         run_dir.fetch("metrics.jsonl")
     writer = logs.MetricWriter(run_dir, enabled=main_process)
@@ -199,35 +220,40 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
     state, start, extra = ckpt.restore_latest(state)
     steps = config.rl.steps
     if extra:
-        data.train_reader.restore(extra["reader"])
+        readers = extra.get("readers") or [extra["reader"]]  # "reader" alone: a one-process checkpoint
+        same_layout = len(readers) == jax.process_count()
+        data.train_reader.restore(readers[jax.process_index()] if same_layout else readers[0])
         rng = jax.random.wrap_key_data(np.asarray(extra["rng"], np.uint32))
         log.info("resumed from step %d of %d (%s)", start, steps, run_dir.path("checkpoints"))
     # rows of steps this run is about to redo are dropped: the log reads as one uninterrupted run
     periodic_eval_at_start = bool(config.eval.every) and start % max(config.eval.every, 1) == 0 and start < steps
-    dropped = logs.keep_metrics(writer.path, lambda row: row["step"] < start or _is_sft(row) or (
+    dropped = main_process and logs.keep_metrics(writer.path, lambda row: row["step"] < start or _is_sft(row) or (
         row["step"] == start and start > 0 and (not _is_eval(row) or periodic_eval_at_start)))
     if dropped:
         log.info("dropped %d metric rows after step %d (they are redone)", dropped, start)
     ctx.train_step = step.make_train_step(model_config, ctx.rl, optimizer, mesh=mesh)
 
     if config.eval.before_rl:
-        if start == 0 or not run_dir.fetch("before_rl.json"):
+        # process 0 decides (its disk has the run's files): evaluation is collective
+        if multihost.allgather_json(start == 0 or not run_dir.fetch("before_rl.json"))[0]:
             summary["before_rl"] = evaluator.run(state.params, tag="before_rl", step=0, writer=writer)
-            run_dir.write_text("before_rl.json", json.dumps(summary["before_rl"], indent=2))
-        else:
+            if main_process:
+                run_dir.write_text("before_rl.json", json.dumps(summary["before_rl"], indent=2))
+        elif os.path.exists(run_dir.local("before_rl.json")):
             with open(run_dir.local("before_rl.json"), encoding="utf-8") as f:
                 summary["before_rl"] = json.load(f)
 
     def save(i):
-        ckpt.save(i, state, {"reader": data.train_reader.state(),
+        readers = multihost.allgather_json(data.train_reader.state())  # orbax writes the JSON once
+        ckpt.save(i, state, {"reader": readers[0], "readers": readers,
                              "rng": np.asarray(jax.random.key_data(rng)).tolist()})
         writer.publish()
 
-    progress = logs.progress(range(start, steps), total=steps, initial=start, desc="RL")
+    progress = logs.progress(range(start, steps), total=steps, initial=start, desc="RL", disable=not main_process)
     try:
         for i in progress:
             rng, key = jax.random.split(rng)
-            examples = data.train_reader.take(config.rl.prompts_per_step)
+            examples = data.train_reader.take(data.train_reader.block)
             state, metrics = rl_iteration(ctx, state, ref_params, examples, key)
             writer.write(i + 1, metrics)
             progress.set_postfix(reward=f"{metrics.get('reward/reward', 0):.3f}",
@@ -235,9 +261,10 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
                                  conf=f"{metrics.get('reward/confidence', 0):.2f}")
             if config.eval.every and (i + 1) % config.eval.every == 0 and i + 1 < steps:
                 evaluator.run(state.params, tag=f"step_{i + 1}", step=i + 1, writer=writer)
-            if config.checkpoint.every and (i + 1) % config.checkpoint.every == 0 or preemption.requested:
+            stop = any(multihost.allgather_json(preemption.requested))  # a SIGTERM to any process stops all
+            if config.checkpoint.every and (i + 1) % config.checkpoint.every == 0 or stop:
                 save(i + 1)
-            if preemption.requested and i + 1 < steps:
+            if stop and i + 1 < steps:
                 ckpt.wait()
                 writer.close()
                 progress.close()
@@ -248,7 +275,11 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
         ckpt.wait()
     ckpt.close()
     summary["after_rl"] = evaluator.run(state.params, tag="after_rl", step=steps, writer=writer)
-    export.export_model_dir(model_config, state.params, tokenizer, image_config, run_dir.local("model"),
+    final_params = multihost.fetch_all(state.params) if multihost.multiprocess() else state.params
+    if not main_process:
+        writer.close()
+        return summary
+    export.export_model_dir(model_config, final_params, tokenizer, image_config, run_dir.local("model"),
                             prompt=config.rl.prompt)
     run_dir.publish("model")
     summary["model_dir"] = run_dir.path("model")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlcal_jax import models, processing
+from vlcal_jax.parallel import multihost
 from vlcal_jax.training import export
 
 log = logging.getLogger("vlcal_jax.train")
@@ -53,17 +54,12 @@ def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
         if pixels:
             image_config = dataclasses.replace(image_config, **pixels)
         return tokenizer, model_config.replace(image_processor=image_config), params, image_config
-    tok_dir = run_dir.local("tokenizer")
-    if run_dir.fetch("tokenizer") and os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        tokenizer = processing.load_tokenizer(tok_dir)
-    else:
-        if not data.teacher_texts:
-            raise ValueError("training from scratch needs text to fit a tokenizer: use data.kind='scenes' "
-                             "or set model.path to a Qwen3-VL checkpoint directory")
-        # the instruction of every prompt is the most frequent text: weight it so it compresses well
-        texts = list(data.teacher_texts) + [processing.INSTRUCTIONS[config.rl.prompt]] * 500
-        tokenizer = processing.train_demo_tokenizer(texts, m.init.vocab_size, tok_dir)
-        run_dir.publish("tokenizer")
+    # process 0 fits (or loads) the tokenizer first; the others then load it from a shared disk, or
+    # fit the same one from the same texts on their own
+    for fitting_turn in (True, False):
+        if fitting_turn == (jax.process_index() == 0):
+            tokenizer = _demo_tokenizer(config, data, run_dir)
+        multihost.barrier("tokenizer" if fitting_turn else "tokenizer everywhere")
     model_config = from_scratch_config(m, tokenizer)
     params = models.init_params(model_config, rng, dtype=jnp.dtype(m.param_dtype))
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -71,6 +67,21 @@ def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
     image_config = processing.ImageProcessorConfig.qwen3_vl(patch_size=m.init.vision.patch_size, **pixels)
     # the model config carries the image settings it is trained with (exported with it)
     return tokenizer, model_config.replace(image_processor=image_config), params, image_config
+
+
+def _demo_tokenizer(config, data, run_dir):
+    """The from-scratch model's tokenizer: loaded from `workdir/tokenizer`, else fitted there."""
+    tok_dir = run_dir.local("tokenizer")
+    if run_dir.fetch("tokenizer") and os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return processing.load_tokenizer(tok_dir)
+    if not data.teacher_texts:
+        raise ValueError("training from scratch needs text to fit a tokenizer: use data.kind='scenes' "
+                         "or set model.path to a Qwen3-VL checkpoint directory")
+    # the instruction of every prompt is the most frequent text: weight it so it compresses well
+    texts = list(data.teacher_texts) + [processing.INSTRUCTIONS[config.rl.prompt]] * 500
+    tokenizer = processing.train_demo_tokenizer(texts, config.model.init.vocab_size, tok_dir)
+    run_dir.publish("tokenizer")
+    return tokenizer
 
 
 def compute_params(params, model_config, copy: bool = False):

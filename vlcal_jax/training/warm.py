@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlcal_jax import parallel
 from vlcal_jax.models import text
+from vlcal_jax.parallel import multihost
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.rl import rollout, step
 from vlcal_jax.training import logs
@@ -72,10 +74,12 @@ def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: i
 
 def sft_batch(examples, responses, tokenizer, config: ModelConfig, image_config, *, response_length: int,
               length_buckets, patch_bucket=None, num_images=None, prompt: str = "decoupled"):
-    """(ModelInputs of prompt + response rows, response mask [N, M])."""
+    """(ModelInputs of prompt + response rows, response mask [N, M]); with several processes,
+    this process's rows, padded like every other process's."""
     prompts = rollout.encode_examples(examples, tokenizer, config, image_config, mode=prompt,
                                       length_buckets=length_buckets,
-                                      patch_bucket=patch_bucket, num_images=num_images)
+                                      patch_bucket=patch_bucket, num_images=num_images,
+                                      same_shapes_everywhere=multihost.multiprocess())
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tokens, lengths = encode_responses(tokenizer, responses, response_length, eos, tokenizer.pad_token_id)
     inputs = rollout.expand_for_responses(prompts.inputs, tokens, lengths, 1)
@@ -112,8 +116,24 @@ def make_sft_step(config: ModelConfig, optimizer, chunk: int = 256):
     return jax.jit(sft_step, donate_argnums=0)
 
 
+def overconfident_teachers(responses, rng: np.random.Generator, low: int, high: int) -> list[str]:
+    """override_confidences of this process's share of a batch, drawing from `rng` what one
+    process holding the whole batch would draw for these rows (the draws of the processes
+    before this one are skipped, those after it too), so the teacher does not depend on the
+    process count."""
+    counts = multihost.allgather_json(sum(len(_CONF.findall(r)) for r in responses))
+    p = jax.process_index()
+    for _ in range(sum(counts[:p])):
+        rng.integers(low, high + 1)
+    out = [override_confidences(r, rng, low, high) for r in responses]
+    for _ in range(sum(counts[p + 1:])):
+        rng.integers(low, high + 1)
+    return out
+
+
 def warm_start(config, model_config, params, tokenizer, image_config, data, writer):
-    """Runs config.sft.steps supervised steps on teacher responses; returns the new params."""
+    """Runs config.sft.steps supervised steps on teacher responses; returns the new params.
+    With several processes each reads and encodes its share of every batch."""
     s = config.sft
     if data.sft_source is None:
         raise ValueError("sft.steps > 0 needs teacher responses: they come with data.kind='scenes'")
@@ -121,18 +141,26 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
     state = step.init_state(params, optimizer)
     sft_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
     rng = np.random.default_rng(config.seed)
-    bar = logs.progress(range(s.steps), desc="warm start")
+    bar = logs.progress(range(s.steps), desc="warm start", disable=jax.process_index() != 0)
+    mesh = parallel.mesh_of(params)
     for i in bar:
-        examples = data.sft_source.take(s.batch_size)
+        examples = data.sft_source.take(data.sft_source.block)
         responses = [ex.meta["teacher_response"] for ex in examples]
-        if s.overconfident:
+        if s.overconfident and multihost.multiprocess():
+            responses = overconfident_teachers(responses, rng, s.confidence_low, s.confidence_high)
+        elif s.overconfident:
             responses = [override_confidences(r, rng, s.confidence_low, s.confidence_high) for r in responses]
         responses = [convert_teacher(r, config.rl.mode) for r in responses]
         inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
                                  response_length=config.rl.max_new_tokens,
                                  length_buckets=tuple(config.data.length_buckets),
                                  patch_bucket=config.data.patch_bucket or None,
-                                 num_images=s.batch_size * config.data.max_images_per_prompt, prompt=config.rl.prompt)
+                                 num_images=len(examples) * config.data.max_images_per_prompt,
+                                 prompt=config.rl.prompt)
+        if multihost.multiprocess():
+            inputs = multihost.offset_image_index(inputs, model_config.image_token_id, model_config.vision.merge_unit,
+                                                  inputs.input_ids.shape[1] - config.rl.max_new_tokens)
+            inputs, mask = multihost.to_global((inputs, mask), mesh, what="warm-start batch")
         state, metrics = sft_step(state, inputs, mask)
         if (i + 1) % config.log_every == 0 or i + 1 == s.steps:
             metrics = {f"sft/{k}": float(v) for k, v in metrics.items()}
