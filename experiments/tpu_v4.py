@@ -36,12 +36,16 @@ def get_config():
     c.rl.samples_per_prompt = 8
     c.rl.max_new_tokens = 4096
     # the paper's 2048 responses cannot go through one sampler call or one backward pass: 4 prompts
-    # (32 responses) per generate call, 8 rows per scoring call and per update micro-batch.
-    # `python -m vlcal_jax.fit --config experiments/tpu_v4.py --topology v4-16` checks them: they fit
-    # a v4-16 (19.9 of 32 GiB per chip at 4 MP images; two hosts: the open multi-host issue) and a
-    # v5p-8 (experiments/tpu_v5p.py), not yet a v4-8 (its update needs 37.5 GiB); README, "Does it fit?"
+    # (32 responses) per generate call; scoring and the update in micro-batches of 4 rows (half a
+    # GRPO group each: one row per chip on a v4-8). The update's pixels wait in host memory and
+    # AdamW's first moment is bfloat16 (the second moment and the masters stay float32).
+    # `python -m vlcal_jax.fit --config experiments/tpu_v4.py --topology v4-8` checks them (README,
+    # "Does it fit?"). On a slice of H hosts every micro-batch takes whole groups from every host:
+    # --config.rl.micro_batch_size=8*H (fit names it), e.g. 32 on a v4-32.
     c.rl.rollout_batch_size = 4
-    c.rl.micro_batch_size = 8
+    c.rl.micro_batch_size = 4
+    c.rl.offload_pixels = True
+    c.rl.adam_mu_dtype = "bfloat16"
     c.eval.size = 500
     c.eval.every = 50
     c.eval.batch_size = 64

@@ -85,6 +85,7 @@ def fit(config, name: str, compiles: int) -> dict:
     mesh = parallel.make_mesh(**config.mesh, devices=topology.devices(tpu))
     model = plan.model(config)
     sizes = plan.sizes(config, model.config)
+    plan.check_hosts(sizes, tpu.num_hosts)
     setup = programs.Setup(model.config, loop.rl_config(config, model.config.image_processor), mesh,
                            config.model.param_dtype, eos_token_ids=model.eos_token_ids,
                            pad_token_id=model.pad_token_id, shard_inputs=_SHARD_INPUTS.value,
@@ -138,7 +139,13 @@ def main(argv):
         raise app.UsageError("--config and --topology are required, e.g. --config experiments/tpu_v4.py "
                              "--topology v4-8")
     logs.setup_logging()
-    records = [fit(config, name, _COMPILES.value) for name in _TOPOLOGY.value]
+    records = []
+    for name in _TOPOLOGY.value:
+        try:
+            records.append(fit(config, name, _COMPILES.value))
+        except ValueError as e:  # a size the run itself would refuse on this slice (plan.check_hosts)
+            print(f"CANNOT RUN on {name}: {e}\n", flush=True)
+            records.append({"topology": name, "fits": False, "error": str(e)})
     if _JSON.value:
         with open(_JSON.value, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=2)

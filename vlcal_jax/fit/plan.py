@@ -78,6 +78,19 @@ def patches_per_image(config: ml_collections.ConfigDict, model_config: model_con
     return vision.patch_bucket(max_pixels // v.patch_size**2, v.merge_unit)
 
 
+def check_hosts(sizes: Sizes, hosts: int) -> None:
+    """The multi-controller trainer's rules for a slice of `hosts` TPU VMs (every process gives
+    whole GRPO groups to every sampler call and micro-batch); errors name the setting."""
+    if hosts == 1:
+        return
+    rules = (("rl.prompts_per_step", sizes.prompts, hosts), ("rl.rollout_batch_size", sizes.rollout_batch, hosts),
+             ("rl.micro_batch_size", sizes.micro_batch, hosts * sizes.samples))
+    for name, value, unit in rules:
+        if value % unit:
+            raise ValueError(f"{name}={value} must be a multiple of {unit} on a slice of {hosts} hosts (each host "
+                             f"gives whole GRPO groups to every call); e.g. --config.{name}={unit * -(-value // unit)}")
+
+
 def sizes(config: ml_collections.ConfigDict, model_config: model_config_lib.ModelConfig) -> Sizes:
     """One step at the config's largest shapes: prompts padded to the largest length bucket,
     `rl.max_new_tokens` response tokens, `data.max_images_per_prompt` images per prompt at
