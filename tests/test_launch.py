@@ -10,6 +10,7 @@ Nothing here reaches the network; the whole file runs in a few seconds.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import shutil
@@ -477,3 +478,41 @@ def test_shellcheck_is_clean():
                      if name.endswith(".sh"))
     result = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
+
+
+def readme_pod_commands() -> list[str]:
+    """The `bash launch/tpu_pod.sh all ...` commands of the README's bash blocks, joined lines."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.startswith("bash launch/tpu_pod.sh all"):
+                commands.append(command)
+    return commands
+
+
+@needs_git
+def test_the_readmes_pod_commands_dry_run_to_what_it_describes(fake):
+    """Each README pod command, typed as printed plus --dry-run: exit 0, nothing called, and the
+    train line runs the README's config and overrides on every worker with the bucket workdir."""
+    tmp_path, env = fake
+    commands = readme_pod_commands()
+    assert len(commands) == 2, commands  # the v4-32 and v5e-16 runs
+    for command in commands:
+        argv = shlex.split(command)
+        dry = subprocess.run(argv + ["--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert dry.returncode == 0, dry.stderr
+        assert gcloud_calls(tmp_path) == []
+        printed = dry.stdout.splitlines()
+        config = argv[argv.index("--config") + 1]
+        overrides = " ".join(a for a in argv if a.startswith("--config."))
+        run = argv[argv.index("--run") + 1]
+        train = [line for line in printed if "train_worker.sh" in line]
+        assert len(train) == 1 and "--worker=all" in train[0], printed
+        assert f"bash launch/train_worker.sh --config {config} {overrides}" in train[0], train
+        assert f"VLCAL_WORKDIR=gs://my-bucket/{run}" in train[0], train
+        accelerator = argv[argv.index("--accelerator-type") + 1]
+        create = printed[0]
+        assert ("queued-resources create" in create) == accelerator.startswith("v5e"), create
+        assert "delete" in printed[-1], printed
