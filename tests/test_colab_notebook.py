@@ -19,6 +19,8 @@ import nbclient
 import nbformat
 import pytest
 
+import conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab_tpu_demo.ipynb")
 TIMEOUT = 600
@@ -77,6 +79,8 @@ def kernel_env(tmp_path, monkeypatch):
     monkeypatch.delenv("JUPYTER_PATH", raising=False)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for key, value in conftest.subprocess_cache_env().items():  # the README demo compiles the same programs
+        monkeypatch.setenv(key, value)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.setenv("VLCAL_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("VLCAL_NOTEBOOK_WORKDIR", str(tmp_path / "demo"))

