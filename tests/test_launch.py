@@ -498,7 +498,7 @@ def test_the_readmes_pod_commands_dry_run_to_what_it_describes(fake):
     train line runs the README's config and overrides on every worker with the bucket workdir."""
     tmp_path, env = fake
     commands = readme_pod_commands()
-    assert len(commands) == 2, commands  # the v4-32 and v5e-16 runs
+    assert len(commands) == 2, commands  # the v4-32 and v5e-32 runs
     for command in commands:
         argv = shlex.split(command)
         dry = subprocess.run(argv + ["--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
