@@ -162,3 +162,19 @@ def test_topology_devices_leave_the_environment_as_it_was(monkeypatch):
     before = dict(os.environ)
     assert len(topology.devices(topology.get("v4-8"))) == 4
     assert dict(os.environ) == before
+
+
+def test_multi_host_slices_refuse_sizes_the_trainer_would_refuse():
+    """On H hosts every sampler call and micro-batch takes whole GRPO groups from every host: fit
+    stops, naming the setting and a size that works, before compiling anything."""
+    from vlcal_jax.fit import plan
+    from vlcal_jax.fit.programs import Sizes
+
+    sizes = Sizes(prompts=256, samples=8, prompt_len=4096, response_len=4096, images_per_prompt=1, patches=16384,
+                  rollout_batch=4, micro_batch=8)
+    plan.check_hosts(sizes, 1)  # one host: anything the single-process trainer takes
+    with pytest.raises(ValueError, match=r"rl.micro_batch_size=8 must be a multiple of 32 .* --config.rl.micro_batch_size=32"):
+        plan.check_hosts(sizes, 4)
+    with pytest.raises(ValueError, match=r"rl.rollout_batch_size=4 must be a multiple of 8 .*--config.rl.rollout_batch_size=8"):
+        plan.check_hosts(Sizes(**{**sizes.__dict__, "micro_batch": 64}), 8)
+    plan.check_hosts(Sizes(**{**sizes.__dict__, "micro_batch": 64, "rollout_batch": 8}), 8)
