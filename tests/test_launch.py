@@ -510,7 +510,7 @@ def test_the_readmes_pod_commands_dry_run_to_what_it_describes(fake):
         run = argv[argv.index("--run") + 1]
         train = [line for line in printed if "train_worker.sh" in line]
         assert len(train) == 1 and "--worker=all" in train[0], printed
-        assert f"bash launch/train_worker.sh --config {config} {overrides}" in train[0], train
+        assert f"bash launch/train_worker.sh --config {config} {overrides}".strip() in train[0], train
         assert f"VLCAL_WORKDIR=gs://my-bucket/{run}" in train[0], train
         accelerator = argv[argv.index("--accelerator-type") + 1]
         create = printed[0]
