@@ -174,13 +174,19 @@ class RecordReader:
                 continue
             index = int(self.shard_rows[self._order[self._position]])
             self._position += 1
-            try:
-                example = self._example(index)
-            except BadRowError as error:
-                self.skipped.skip(self.source.where(index), error)
-                continue
-            self._yielded += 1
-            return example
+            example = self._take(index)
+            if example is not None:
+                return example
+
+    def _take(self, index: int) -> Example | None:
+        """Row `index` as an Example, counted as yielded; None (counted as skipped) for a bad row."""
+        try:
+            example = self._example(index)
+        except BadRowError as error:
+            self.skipped.skip(self.source.where(index), error)
+            return None
+        self._yielded += 1
+        return example
 
     def _example(self, index: int) -> Example:
         example = example_from_record(self.source.row(index), self.schema,
@@ -313,13 +319,9 @@ class BlockReader(RecordReader):
             index = int(self.shard_rows[self._order[position]])
             self._k += 1
             self._position = position + 1
-            try:
-                example = self._example(index)
-            except BadRowError as error:
-                self.skipped.skip(self.source.where(index), error)
-                continue
-            self._yielded += 1
-            return example
+            example = self._take(index)
+            if example is not None:
+                return example
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "block": self.block, "consumed": self._k}

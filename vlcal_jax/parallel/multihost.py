@@ -80,9 +80,9 @@ def to_global(tree, mesh, *, micro: bool = False, what: str = "batch", host_pixe
                              "sft.batch_size, rollout_batch_size, micro_batch_size / samples_per_prompt)")
         spec = [None] * leaf.ndim
         spec[axis] = BATCH
-        from vlcal_jax.parallel.sharding import path_str
+        from vlcal_jax.parallel.sharding import PIXELS_PATH, path_str
 
-        memory = "pinned_host" if host_pixels and path_str(path).endswith(".vision/.pixel_values") else None
+        memory = "pinned_host" if host_pixels and path_str(path).endswith(PIXELS_PATH) else None
         return jax.make_array_from_process_local_data(NamedSharding(mesh, P(*spec), memory_kind=memory), leaf,
                                                       tuple(global_shape))
 

@@ -81,6 +81,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+# path_str of a batch's pixel_values (ModelInputs.vision.pixel_values), the leaf rl.offload_pixels
+# keeps in host memory
+PIXELS_PATH = ".vision/.pixel_values"
+
+
 def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 

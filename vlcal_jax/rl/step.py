@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from vlcal_jax import parallel
 from vlcal_jax.parallel import multihost
+from vlcal_jax.parallel.sharding import PIXELS_PATH
 from vlcal_jax.models import qwen3_vl, text
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.rl import certainty, grpo, losses, perturb
@@ -403,21 +404,18 @@ def batch_shardings(batch, mesh, micro: bool = False, host_pixels: bool = False)
         spec = [None] * leaf.ndim
         if leaf.ndim > axis and leaf.shape[axis] % size == 0:
             spec[axis] = parallel.BATCH
-        if host_pixels and name.endswith(_PIXELS):
+        if host_pixels and name.endswith(PIXELS_PATH):
             return NamedSharding(mesh, P(*spec), memory_kind="pinned_host")
         return NamedSharding(mesh, P(*spec))
 
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
-_PIXELS = ".vision/.pixel_values"  # parallel.path_str of RLBatch.inputs.vision.pixel_values
-
-
 def _pixel_device_sharding(shardings):
     """The device sharding of one micro-batch's pixel_values, from the micro-batched batch's
     shardings (batch_shardings(..., micro=True, host_pixels=True))."""
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    sharding = next(s for path, s in flat if parallel.path_str(path).endswith(_PIXELS))
+    sharding = next(s for path, s in flat if parallel.path_str(path).endswith(PIXELS_PATH))
     return NamedSharding(sharding.mesh, P(*sharding.spec[1:]), memory_kind="device")
 
 
