@@ -157,3 +157,32 @@ def test_reliability_diagram_writes_png(tmp_path):
             assert ece == metrics.ece(confidence, correct, convention=convention)
             data = path.read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 5_000
+
+
+def test_bootstrap_intervals_equal_the_metrics_of_each_resample():
+    # the vectorised intervals are the quantiles of ece() and sklearn's AUROC over the same resamples
+    rng = np.random.default_rng(3)
+    conf = rng.integers(0, 11, 300) / 10.0
+    correct = rng.random(300) < conf
+    out = metrics.bootstrap_intervals(conf, correct, n_resamples=200, seed=7)
+    draws = np.random.default_rng(7).integers(0, 300, size=(200, 300))
+    eces = [metrics.ece(conf[i], correct[i]) for i in draws]
+    aurocs = [roc_auc_score(correct[i], conf[i]) for i in draws]
+    np.testing.assert_allclose(out["ece"], np.quantile(eces, [0.025, 0.975]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["auroc"], np.quantile(aurocs, [0.025, 0.975]), rtol=0, atol=1e-12)
+    assert out["ece"][0] <= metrics.ece(conf, correct) <= out["ece"][1]
+    assert out["auroc"][0] <= metrics.auroc(conf, correct) <= out["auroc"][1]
+    assert metrics.bootstrap_intervals(conf, correct, n_resamples=200, seed=7) == out
+
+
+def test_bootstrap_intervals_narrow_with_more_examples_and_skip_one_class_resamples():
+    rng = np.random.default_rng(0)
+
+    def width(n):
+        conf = rng.random(n)
+        low, high = metrics.bootstrap_intervals(conf, rng.random(n) < conf, n_resamples=300)["auroc"]
+        return high - low
+
+    assert width(2000) < 0.6 * width(100)
+    out = metrics.bootstrap_intervals([0.9, 0.8, 0.7], [True, True, True], n_resamples=50)
+    assert np.isnan(out["auroc"]).all() and np.isfinite(out["ece"]).all()

@@ -55,7 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_examples = 4000
     c.data.test_fraction = 0.1
     c.data.teacher_error_rate = 0.0
-    c.data.scene = ml_collections.ConfigDict(dict(image_size=64, max_objects=6))
+    # the generated world's knobs (data.scenes.SceneConfig, where each is documented)
+    c.data.scene = ml_collections.ConfigDict(dict(
+        image_size=64, min_objects=1, max_objects=6, shapes=("circle", "square", "triangle"),
+        colors=("red", "green", "blue", "yellow"), size_scale=1.0, max_overlap=0.0, max_clutter=0,
+        max_low_contrast=0.0, grid=0,
+        question_types=("count", "exist", "color_of", "sum", "difference", "compare", "multi_step")))
     c.data.train_files = ()
     c.data.eval_files = ()
     c.data.eval_benchmark = ""  # a name from vlcal_jax.data.benchmarks

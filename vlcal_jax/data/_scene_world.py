@@ -50,6 +50,10 @@ class SceneConfig:
     max_overlap: float = 0.0      # objects may overlap by this fraction of their radius sum
     max_clutter: int = 0          # grey marks drawn behind the objects
     max_low_contrast: float = 0.0  # blend of object colours toward the background, < 1
+    # 0: objects anywhere; g > 0: at most one object per cell of a g x g grid, each inside its
+    # cell (a 64-pixel image with g = 4 has 16-pixel cells: one merged vision token of a
+    # patch-8 model each), so a small model from scratch can learn to count them
+    grid: int = 0
     question_types: tuple[str, ...] = ("count", "exist", "color_of", "sum", "difference",
                                        "compare", "multi_step")
 
@@ -67,6 +71,12 @@ class SceneConfig:
                              "(colour, shape) combinations")
         if not 0.0 <= self.max_low_contrast < 1.0 or not 0.0 <= self.max_overlap <= 1.0:
             raise ValueError("max_low_contrast must be in [0, 1) and max_overlap in [0, 1]")
+        if self.grid < 0 or self.grid and self.max_objects > self.grid ** 2:
+            raise ValueError(f"grid={self.grid} has {self.grid ** 2} cells for up to {self.max_objects} "
+                             "objects; use grid >= 0 with max_objects <= grid ** 2")
+        if self.grid and self.image_size // self.grid < 2 * _MIN_RADIUS + 3:
+            raise ValueError(f"grid={self.grid} cells of a {self.image_size}-pixel image are too small "
+                             f"for an object (at least {2 * _MIN_RADIUS + 3} pixels); use a smaller grid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +134,37 @@ def _pair_overlap(a: SceneObject, b: SceneObject) -> float:
     return max(0.0, 1.0 - math.hypot(a.x - b.x, a.y - b.y) / reach)
 
 
+def _draw_object(rng, config: SceneConfig, side: int, low_contrast: float,
+                 max_radius: float | None = None):
+    """(shape, colour, size, radius, rgb) of one new object."""
+    shape = config.shapes[rng.integers(len(config.shapes))]
+    color = config.colors[rng.integers(len(config.colors))]
+    size = ("small", "large")[rng.integers(2)]
+    low, high = SIZES[size]
+    radius = max(_MIN_RADIUS, int(round(rng.uniform(low, high) * side * config.size_scale)))
+    if max_radius is not None:
+        radius = max(_MIN_RADIUS, min(radius, int(max_radius / _EXTENT[shape])))
+    return shape, color, size, radius, _faded(PALETTE[color], low_contrast)
+
+
+def _grid_objects(rng, config: SceneConfig, target: int, low_contrast: float) -> list[SceneObject]:
+    """`target` objects in distinct cells of the config.grid x config.grid grid, each drawn
+    inside its cell with a pixel to spare (a random position within the cell)."""
+    side, g = config.image_size, config.grid
+    cell = side // g
+    objects = []
+    for index in rng.choice(g * g, size=target, replace=False):
+        row, col = divmod(int(index), g)
+        shape, color, size, radius, rgb = _draw_object(rng, config, side, low_contrast,
+                                                       max_radius=cell / 2 - 1.5)
+        margin = int(math.ceil(radius * _EXTENT[shape])) + 1
+        x0, y0 = col * cell, row * cell
+        x = int(rng.integers(x0 + margin, max(x0 + margin, x0 + cell - margin) + 1))
+        y = int(rng.integers(y0 + margin, max(y0 + margin, y0 + cell - margin) + 1))
+        objects.append(SceneObject(shape, color, size, x, y, radius, rgb))
+    return objects
+
+
 def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
     """Draws a scene graph; objects that find no free place after many tries are left out."""
     side = config.image_size
@@ -131,20 +172,17 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
     low_contrast = rng.uniform(0.0, config.max_low_contrast)
     target = int(rng.integers(config.min_objects, config.max_objects + 1))
     objects: list[SceneObject] = []
-    for _ in range(200 * target):
+    if config.grid:
+        objects = _grid_objects(rng, config, target, low_contrast)
+    for _ in range(0 if config.grid else 200 * target):
         if len(objects) == target:
             break
-        shape = config.shapes[rng.integers(len(config.shapes))]
-        color = config.colors[rng.integers(len(config.colors))]
-        size = ("small", "large")[rng.integers(2)]
-        low, high = SIZES[size]
-        radius = max(_MIN_RADIUS, int(round(rng.uniform(low, high) * side * config.size_scale)))
+        shape, color, size, radius, rgb = _draw_object(rng, config, side, low_contrast)
         margin = int(math.ceil(radius * _EXTENT[shape])) + 1
         if 2 * margin >= side:
             continue
         x, y = (int(v) for v in rng.integers(margin, side - margin, size=2))
-        candidate = SceneObject(shape, color, size, x, y, radius,
-                                _faded(PALETTE[color], low_contrast))
+        candidate = SceneObject(shape, color, size, x, y, radius, rgb)
         if all(_fits(candidate, other, max_overlap) for other in objects):
             objects.append(candidate)
     clutter = []

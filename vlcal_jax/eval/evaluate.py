@@ -248,9 +248,14 @@ def calibration_metrics(confidence: Sequence[float | None], correct: Sequence[bo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         area = m.auroc(conf, corr)
+    intervals = m.bootstrap_intervals(conf, corr, n_bins=n_bins)
+    ece_ci, auroc_ci = intervals["ece"], intervals["auroc"]
     return {"n": int(conf.size), "missing": int(missing), "mean_confidence": float(conf.mean()),
             "ece": m.ece(conf, corr, n_bins, "paper"), "auroc": _finite_or_none(area),
-            "brier": m.brier(conf, corr), "aurc": m.aurc(conf, corr)}
+            "brier": m.brier(conf, corr), "aurc": m.aurc(conf, corr),
+            # percentile bootstrap 95% intervals over the examples (1000 resamples, seed 0)
+            "ece_low": _finite_or_none(ece_ci[0]), "ece_high": _finite_or_none(ece_ci[1]),
+            "auroc_low": _finite_or_none(auroc_ci[0]), "auroc_high": _finite_or_none(auroc_ci[1])}
 
 
 def group_metrics(records: Sequence[dict[str, Any]], mode: str = "decoupled") -> dict[str, Any]:

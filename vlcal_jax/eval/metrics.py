@@ -284,3 +284,51 @@ def ece(confidence, correct, n_bins: int = 10, convention: str = "paper") -> flo
     prop = counts / _torch_float32_sum(counts)
     terms = (np.abs(data.accuracy - data.confidence) * prop).astype(np.float32)
     return float(_torch_float32_sum(terms))
+
+
+
+def bootstrap_intervals(confidence, correct, *, n_bins: int = 10, n_resamples: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of the "paper" ECE and the AUROC over the examples.
+
+    Resample r draws N indices with replacement: row r of
+    `np.random.default_rng(seed).integers(0, N, size=(n_resamples, N))`. The metrics of
+    every resample are computed at once from its per-example multiplicities (the same
+    values `ece(conf[idx], corr[idx])` and `auroc(conf[idx], corr[idx])` give, up to float
+    summation order). Returns {"ece": (low, high), "auroc": (low, high)}: the (1 - level) / 2
+    and (1 + level) / 2 quantiles (numpy's linear interpolation) of the finite values;
+    resamples with one class have no AUROC and are left out; (nan, nan) if none is left.
+    """
+    conf, corr = _as_inputs(confidence, correct)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = conf.size
+    if n == 0:
+        return {"ece": (float("nan"),) * 2, "auroc": (float("nan"),) * 2}
+    indices = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    weights = np.bincount((indices + n * np.arange(n_resamples)[:, None]).ravel(),
+                          minlength=n * n_resamples).reshape(n_resamples, n).astype(np.float64)
+    # ECE: sum over bins of |sum of (confidence - correct) in the bin| / N, bins as in `ece`
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.minimum(np.searchsorted(edges, conf, side="right") - 1, n_bins - 1)
+    gap = np.zeros((n, n_bins))
+    gap[np.arange(n), index] = conf - corr
+    eces = np.abs(weights @ gap).sum(axis=1) / n
+    # AUROC: per distinct confidence value, the resample's weight of right and wrong answers;
+    # each right answer scores the wrong ones below it, plus half of those tied with it
+    values, inverse = np.unique(conf, return_inverse=True)
+    right = np.zeros((n, values.size))
+    right[np.arange(n), inverse] = corr
+    wrong = np.zeros((n, values.size))
+    wrong[np.arange(n), inverse] = 1.0 - corr
+    pos, neg = weights @ right, weights @ wrong
+    below = np.cumsum(neg, axis=1) - neg
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    defined = (n_pos > 0) & (n_neg > 0)
+    aurocs = (pos * (below + 0.5 * neg)).sum(axis=1)[defined] / (n_pos * n_neg)[defined]
+    q = [(1.0 - level) / 2.0, (1.0 + level) / 2.0]
+
+    def interval(x):
+        return tuple(float(v) for v in np.quantile(x, q)) if x.size else (float("nan"),) * 2
+
+    return {"ece": interval(eces), "auroc": interval(aurocs)}

@@ -61,8 +61,17 @@ DECOUPLED_SHORT_INSTRUCTION = (
     "</vision_confidence><reasoning_confidence>0-10</reasoning_confidence></confidence>"
 )
 
+# Format selectors for models trained from scratch on one world (the CPU demo and the scene
+# study): such a model learns a format from its warm start, not from reading an instruction, so
+# the instruction only has to say which format; a few tokens keep prompts inside one short bucket.
+DECOUPLED_TINY_INSTRUCTION = "Answer, then rate vision and reasoning confidence."
+RLCR_TINY_INSTRUCTION = "Answer, then rate confidence."
+PLAIN_TINY_INSTRUCTION = "Answer."
+
 INSTRUCTIONS = {"decoupled": DECOUPLED_INSTRUCTION, "decoupled_short": DECOUPLED_SHORT_INSTRUCTION,
-                "rlcr": RLCR_INSTRUCTION, "plain": PLAIN_INSTRUCTION}
+                "rlcr": RLCR_INSTRUCTION, "plain": PLAIN_INSTRUCTION,
+                "decoupled_tiny": DECOUPLED_TINY_INSTRUCTION, "rlcr_tiny": RLCR_TINY_INSTRUCTION,
+                "plain_tiny": PLAIN_TINY_INSTRUCTION}
 
 
 def format_question(question: str, mode: str = "decoupled") -> str:

@@ -156,10 +156,16 @@ def print_summary(summary: dict) -> None:
     keys = [k for k in ("accuracy", "format_rate", "ece", "auroc", "brier", "mean_confidence",
                         "perception_accuracy", "vision_ece", "vision_auroc", "vision_mean_confidence",
                         "reasoning_ece", "reasoning_auroc") if k in after or k in before]
-    lines = ["", f"{'metric':28s} {'before RL':>10s} {'after RL':>10s}"]
+    def cell(group, key):
+        value = group.get(key, float("nan"))
+        low, high = group.get(f"{key}_low"), group.get(f"{key}_high")
+        interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+        return f"{value:.3f}{interval}"
+
+    lines = ["", f"{'metric':24s} {'before RL':>22s} {'after RL':>22s}",
+             "(ECE and AUROC with their bootstrap 95% intervals over the evaluation examples)"]
     for key in keys:
-        b, a = before.get(key, float("nan")), after.get(key, float("nan"))
-        lines.append(f"{key:28s} {b:10.3f} {a:10.3f}")
+        lines.append(f"{key:24s} {cell(before, key):>22s} {cell(after, key):>22s}")
     lines.append(f"model: {summary.get('model_dir')}")
     lines += [f"plot: {p}" for p in summary.get("plots", [])]
     print("\n".join(lines), flush=True)
