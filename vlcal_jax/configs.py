@@ -88,6 +88,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.overconfident = True  # teacher states 9-10 / 10 regardless of correctness
     c.sft.confidence_low = 9
     c.sft.confidence_high = 10
+    # response formats of the warm start as "mode:prompt" pairs (rl.mode, rl.prompt values); each
+    # teacher response is written in one of them, picked by its example id, with that prompt's
+    # instruction, so one warm start serves runs in every format (the scene study's ablation
+    # ladder). Empty: rl.mode with rl.prompt only.
+    c.sft.formats = ()
 
     c.rl = ml_collections.ConfigDict()
     c.rl.steps = 100

@@ -33,7 +33,8 @@ def encode_examples(examples: Sequence, tokenizer, config: ModelConfig, image_co
                     patch_bucket: int | None = None, num_images: int | None = None,
                     same_shapes_everywhere: bool = False) -> PromptBatch:
     """Examples (question with `<image>` placeholders, PIL images) -> a PromptBatch. `mode`
-    picks the instruction (processing.INSTRUCTIONS: decoupled, decoupled_short, rlcr, plain).
+    picks the instruction (processing.INSTRUCTIONS: decoupled, decoupled_short, rlcr, plain, ...),
+    one for every example, or a sequence of them, one per example.
 
     `same_shapes_everywhere`: in a multi-process run, this process's share of a global batch,
     padded to the length, patch and image buckets of the largest share (every process must
@@ -57,7 +58,10 @@ def _encode_examples(examples, tokenizer, config, image_config, *, mode, length_
     """encode_examples for one set of buckets."""
     merge = config.vision.spatial_merge_size
     texts, all_images, grids = [], [], []
-    for ex in examples:
+    modes = [mode] * len(examples) if isinstance(mode, str) else list(mode)
+    if len(modes) != len(examples):
+        raise ValueError(f"{len(modes)} prompt modes for {len(examples)} examples; give one mode, or one each")
+    for ex, mode in zip(examples, modes):
         if ex.images:
             _, grid = processing.preprocess_images(list(ex.images), image_config)
         else:

@@ -13,7 +13,7 @@ import ml_collections
 
 from vlcal_jax import models, processing
 from vlcal_jax.parallel import multihost
-from vlcal_jax.training import export
+from vlcal_jax.training import export, warm
 
 log = logging.getLogger("vlcal_jax.train")
 
@@ -78,7 +78,8 @@ def _demo_tokenizer(config, data, run_dir):
         raise ValueError("training from scratch needs text to fit a tokenizer: use data.kind='scenes' "
                          "or set model.path to a Qwen3-VL checkpoint directory")
     # the instruction of every prompt is the most frequent text: weight it so it compresses well
-    texts = list(data.teacher_texts) + [processing.INSTRUCTIONS[config.rl.prompt]] * 500
+    prompts = {config.rl.prompt} | {prompt for _, prompt in warm.formats(config)}
+    texts = list(data.teacher_texts) + [processing.INSTRUCTIONS[p] for p in sorted(prompts)] * 500
     tokenizer = processing.train_demo_tokenizer(texts, config.model.init.vocab_size, tok_dir)
     run_dir.publish("tokenizer")
     return tokenizer

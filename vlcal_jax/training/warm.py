@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import zlib
 from typing import Sequence
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlcal_jax import parallel
+from vlcal_jax import parallel, processing
 from vlcal_jax.models import text
 from vlcal_jax.parallel import multihost
 from vlcal_jax.models.config import ModelConfig
@@ -73,9 +74,10 @@ def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: i
 
 
 def sft_batch(examples, responses, tokenizer, config: ModelConfig, image_config, *, response_length: int,
-              length_buckets, patch_bucket=None, num_images=None, prompt: str = "decoupled"):
+              length_buckets, patch_bucket=None, num_images=None, prompt="decoupled"):
     """(ModelInputs of prompt + response rows, response mask [N, M]); with several processes,
-    this process's rows, padded like every other process's."""
+    this process's rows, padded like every other process's. `prompt`: the instruction mode, or
+    one per example."""
     prompts = rollout.encode_examples(examples, tokenizer, config, image_config, mode=prompt,
                                       length_buckets=length_buckets,
                                       patch_bucket=patch_bucket, num_images=num_images,
@@ -131,6 +133,26 @@ def overconfident_teachers(responses, rng: np.random.Generator, low: int, high: 
     return out
 
 
+def formats(config) -> list[tuple[str, str]]:
+    """The warm start's (mode, prompt) pairs: config.sft.formats, else (rl.mode, rl.prompt)."""
+    pairs = []
+    for item in config.sft.formats or (f"{config.rl.mode}:{config.rl.prompt}",):
+        mode, _, prompt = item.partition(":")
+        if mode not in ("decoupled", "rlcr", "plain") or prompt not in processing.INSTRUCTIONS:
+            raise ValueError(f"sft.formats entry {item!r}: use 'mode:prompt' with mode decoupled, rlcr or plain "
+                             f"and prompt one of {sorted(processing.INSTRUCTIONS)}")
+        pairs.append((mode, prompt))
+    return pairs
+
+
+def pick_formats(examples, pairs) -> list[tuple[str, str]]:
+    """One (mode, prompt) of `pairs` per example, by a hash of its id (the same for the same row
+    whatever the batch, the step or the process count)."""
+    if len(pairs) == 1:
+        return [pairs[0]] * len(examples)
+    return [pairs[zlib.crc32(str(ex.id).encode()) % len(pairs)] for ex in examples]
+
+
 def warm_start(config, model_config, params, tokenizer, image_config, data, writer):
     """Runs config.sft.steps supervised steps on teacher responses; returns the new params.
     With several processes each reads and encodes its share of every batch."""
@@ -140,6 +162,7 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
     optimizer = make_optimizer(s.learning_rate, s.steps, s.weight_decay, s.warmup_steps)
     state = step.init_state(params, optimizer)
     sft_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
+    pairs = formats(config)
     rng = np.random.default_rng(config.seed)
     bar = logs.progress(range(s.steps), desc="warm start", disable=jax.process_index() != 0)
     mesh = parallel.mesh_of(params)
@@ -150,13 +173,14 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
             responses = overconfident_teachers(responses, rng, s.confidence_low, s.confidence_high)
         elif s.overconfident:
             responses = [override_confidences(r, rng, s.confidence_low, s.confidence_high) for r in responses]
-        responses = [convert_teacher(r, config.rl.mode) for r in responses]
+        chosen = pick_formats(examples, pairs)
+        responses = [convert_teacher(r, mode) for r, (mode, _) in zip(responses, chosen)]
         inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
                                  response_length=config.rl.max_new_tokens,
                                  length_buckets=tuple(config.data.length_buckets),
                                  patch_bucket=config.data.patch_bucket or None,
                                  num_images=len(examples) * config.data.max_images_per_prompt,
-                                 prompt=config.rl.prompt)
+                                 prompt=[prompt for _, prompt in chosen])
         if multihost.multiprocess():
             inputs = multihost.offset_image_index(inputs, model_config.image_token_id, model_config.vision.merge_unit,
                                                   inputs.input_ids.shape[1] - config.rl.max_new_tokens)
