@@ -283,7 +283,10 @@ def test_evaluate_tiny_model_end_to_end(world):
     overall = result.metrics["overall"]
     assert set(overall) == {"n", "accuracy", "format_rate", "missing_confidence", "truncated", "mean_tokens",
                             "perception_accuracy", "confidence", "vision", "reasoning", "reasoning_given_perception"}
-    assert set(overall["confidence"]) == {"n", "missing", "mean_confidence", "ece", "auroc", "brier", "aurc"}
+    assert set(overall["confidence"]) == {"n", "missing", "mean_confidence", "ece", "auroc", "brier", "aurc",
+                                          "ece_low", "ece_high", "auroc_low", "auroc_high"}
+    block = overall["confidence"]
+    assert block["ece_low"] <= block["ece"] <= block["ece_high"]
     assert overall["n"] == 5 and set(result.metrics["categories"]) <= {"scenes/perception", "scenes/reasoning"}
     assert result.settings["generated_tokens"] == sum(r["num_tokens"] for r in result.records)
     again = ev.evaluate(config, params, tokenizer, image_config, examples, batch_size=BATCH,

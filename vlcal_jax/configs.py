@@ -88,6 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.overconfident = True  # teacher states 9-10 / 10 regardless of correctness
     c.sft.confidence_low = 9
     c.sft.confidence_high = 10
+    # non-empty: each confidence is drawn uniformly from these values instead (repeats weight a
+    # value), still regardless of correctness
+    c.sft.confidence_values = ()
     # response formats of the warm start as "mode:prompt" pairs (rl.mode, rl.prompt values); each
     # teacher response is written in one of them, picked by its example id, with that prompt's
     # instruction, so one warm start serves runs in every format (the scene study's ablation

@@ -32,10 +32,18 @@ log = logging.getLogger("vlcal_jax.train")
 _CONF = re.compile(r"<(vision_confidence|reasoning_confidence)>\s*\d+(\.\d+)?\s*</\1>")
 
 
-def override_confidences(response: str, rng: np.random.Generator, low: int = 9, high: int = 10) -> str:
-    """Replaces both stated confidences with integers drawn from [low, high]: an overconfident
-    teacher, like the uncalibrated base models of PAPER.md section 7 (ECE ~0.4)."""
-    return _CONF.sub(lambda m: f"<{m.group(1)}>{int(rng.integers(low, high + 1))}</{m.group(1)}>", response)
+def override_confidences(response: str, rng: np.random.Generator, low: int = 9, high: int = 10,
+                         values: Sequence[int] = ()) -> str:
+    """Replaces both stated confidences with integers drawn regardless of correctness: uniformly
+    from [low, high], or uniformly from `values` when given (repeat a value to weight it); an
+    overconfident teacher, like the uncalibrated base models of PAPER.md section 7 (ECE ~0.4).
+    One draw from `rng` per confidence either way."""
+    choices = list(values) or list(range(low, high + 1))
+
+    def draw(m):
+        return f"<{m.group(1)}>{int(choices[rng.integers(len(choices))])}</{m.group(1)}>"
+
+    return _CONF.sub(draw, response)
 
 
 def convert_teacher(response: str, mode: str) -> str:
@@ -118,18 +126,20 @@ def make_sft_step(config: ModelConfig, optimizer, chunk: int = 256):
     return jax.jit(sft_step, donate_argnums=0)
 
 
-def overconfident_teachers(responses, rng: np.random.Generator, low: int, high: int) -> list[str]:
+def overconfident_teachers(responses, rng: np.random.Generator, low: int, high: int,
+                           values: Sequence[int] = ()) -> list[str]:
     """override_confidences of this process's share of a batch, drawing from `rng` what one
     process holding the whole batch would draw for these rows (the draws of the processes
     before this one are skipped, those after it too), so the teacher does not depend on the
     process count."""
     counts = multihost.allgather_json(sum(len(_CONF.findall(r)) for r in responses))
     p = jax.process_index()
+    n = len(values) or high - low + 1
     for _ in range(sum(counts[:p])):
-        rng.integers(low, high + 1)
-    out = [override_confidences(r, rng, low, high) for r in responses]
+        rng.integers(n)
+    out = [override_confidences(r, rng, low, high, values) for r in responses]
     for _ in range(sum(counts[p + 1:])):
-        rng.integers(low, high + 1)
+        rng.integers(n)
     return out
 
 
@@ -170,9 +180,11 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
         examples = data.sft_source.take(data.sft_source.block)
         responses = [ex.meta["teacher_response"] for ex in examples]
         if s.overconfident and multihost.multiprocess():
-            responses = overconfident_teachers(responses, rng, s.confidence_low, s.confidence_high)
+            responses = overconfident_teachers(responses, rng, s.confidence_low, s.confidence_high,
+                                               tuple(s.confidence_values))
         elif s.overconfident:
-            responses = [override_confidences(r, rng, s.confidence_low, s.confidence_high) for r in responses]
+            responses = [override_confidences(r, rng, s.confidence_low, s.confidence_high,
+                                              tuple(s.confidence_values)) for r in responses]
         chosen = pick_formats(examples, pairs)
         responses = [convert_teacher(r, mode) for r, (mode, _) in zip(responses, chosen)]
         inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
