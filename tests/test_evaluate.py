@@ -284,7 +284,7 @@ def test_evaluate_tiny_model_end_to_end(world):
     assert set(overall) == {"n", "accuracy", "format_rate", "missing_confidence", "truncated", "mean_tokens",
                             "perception_accuracy", "confidence", "vision", "reasoning", "reasoning_given_perception"}
     assert set(overall["confidence"]) == {"n", "missing", "mean_confidence", "ece", "auroc", "brier", "aurc",
-                                          "ece_low", "ece_high", "auroc_low", "auroc_high"}
+                                          "ece_low", "ece_high", "auroc_low", "auroc_high", "bins_over_10pct"}
     block = overall["confidence"]
     assert block["ece_low"] <= block["ece"] <= block["ece_high"]
     assert overall["n"] == 5 and set(result.metrics["categories"]) <= {"scenes/perception", "scenes/reasoning"}

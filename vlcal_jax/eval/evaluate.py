@@ -254,6 +254,8 @@ def calibration_metrics(confidence: Sequence[float | None], correct: Sequence[bo
             "ece": m.ece(conf, corr, n_bins, "paper"), "auroc": _finite_or_none(area),
             "brier": m.brier(conf, corr), "aurc": m.aurc(conf, corr),
             # percentile bootstrap 95% intervals over the examples (1000 resamples, seed 0)
+            # how many of the reliability diagram's bins hold >= 10% of the answers (1: a collapse)
+            "bins_over_10pct": int(np.sum(m.reliability_data(conf, corr, n_bins, "paper").count >= 0.1 * conf.size)),
             "ece_low": _finite_or_none(ece_ci[0]), "ece_high": _finite_or_none(ece_ci[1]),
             "auroc_low": _finite_or_none(auroc_ci[0]), "auroc_high": _finite_or_none(auroc_ci[1])}
 

@@ -153,14 +153,14 @@ def plot_training(workdir: str, summary: dict) -> list[str]:
 
 def print_summary(summary: dict) -> None:
     before, after = summary.get("before_rl") or {}, summary.get("after_rl") or {}
-    keys = [k for k in ("accuracy", "format_rate", "ece", "auroc", "brier", "mean_confidence",
+    keys = [k for k in ("accuracy", "format_rate", "ece", "auroc", "brier", "mean_confidence", "bins_over_10pct",
                         "perception_accuracy", "vision_ece", "vision_auroc", "vision_mean_confidence",
                         "reasoning_ece", "reasoning_auroc") if k in after or k in before]
     def cell(group, key):
         value = group.get(key, float("nan"))
         low, high = group.get(f"{key}_low"), group.get(f"{key}_high")
         interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
-        return f"{value:.3f}{interval}"
+        return f"{value:.0f}" if key.endswith("bins_over_10pct") else f"{value:.3f}{interval}"
 
     lines = ["", f"{'metric':24s} {'before RL':>22s} {'after RL':>22s}",
              "(ECE and AUROC with their bootstrap 95% intervals over the evaluation examples)"]

@@ -203,4 +203,44 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
             writer.write(i + 1 - s.steps, metrics)  # warm-start steps are logged at steps <= 0
             bar.set_postfix(loss=f"{metrics['sft/sft_loss']:.3f}")
     log.info("warm start done: %d steps, final loss %.3f", s.steps, float(metrics["sft/sft_loss"]))
+    if data.eval_examples and not multihost.multiprocess():
+        gap = image_dependence(config, model_config, state.params, tokenizer, image_config, data.eval_examples)
+        writer.write(0, {"sft/heldout_loss": gap["loss"], "sft/blank_image_loss": gap["blank_image_loss"]})
+        log.info("held-out teacher loss %.4f, with the images blanked %.4f: the model %s", gap["loss"],
+                 gap["blank_image_loss"], "uses the images" if gap["blank_image_loss"] > gap["loss"] + 1e-3 else
+                 "IGNORES THE IMAGES (the loss does not change without them; train longer or make the scenes easier)")
     return jax.tree.map(lambda x: x, state.params)
+
+
+def blank_images(examples) -> list:
+    """The examples with every image replaced by a plain canvas of its size and top-left colour."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    from vlcal_jax.data.example import Example  # pylint: disable=import-outside-toplevel
+
+    return [Example(id=ex.id, question=ex.question, answer=ex.answer, choices=ex.choices,
+                    answer_type=ex.answer_type, category=ex.category, meta=ex.meta,
+                    images=[Image.new("RGB", im.size, im.convert("RGB").getpixel((0, 0))) for im in ex.images])
+            for ex in examples]
+
+
+def image_dependence(config, model_config, params, tokenizer, image_config, examples, size: int = 32) -> dict:
+    """How much the model's teacher-forced loss on held-out teacher responses rises when the images
+    are blanked: {"loss", "blank_image_loss"} (mean NLL per response token). Equal: the model
+    answers from the text alone (it does not look), whatever its training loss says."""
+    examples = [ex for ex in examples if ex.meta and "teacher_response" in ex.meta][:size]
+    if not examples:
+        return {"loss": float("nan"), "blank_image_loss": float("nan")}
+    pairs = pick_formats(examples, formats(config))
+    responses = [convert_teacher(ex.meta["teacher_response"], mode) for ex, (mode, _) in zip(examples, pairs)]
+    out = {}
+    for key, batch in (("loss", examples), ("blank_image_loss", blank_images(examples))):
+        inputs, mask = sft_batch(batch, responses, tokenizer, model_config, image_config,
+                                 response_length=config.rl.max_new_tokens,
+                                 length_buckets=tuple(config.data.length_buckets),
+                                 patch_bucket=config.data.patch_bucket or None,
+                                 num_images=len(batch) * config.data.max_images_per_prompt,
+                                 prompt=[prompt for _, prompt in pairs])
+        out[key] = float(jax.jit(sft_loss, static_argnums=(1, 4))(params, model_config, inputs, mask,
+                                                                  min(config.rl.logprob_chunk, config.rl.max_new_tokens)))
+    return out
