@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 # files whose get_config(name) picks a named variant, and the dict that names them
 NAMED = {"ablations.py": "ABLATIONS", "baselines.py": "BASELINES"}
+# study configs (python -m vlcal_jax.study): the train config every run starts from is their `base`
+STUDIES = {"scene_study.py"}
 # configs that train a released checkpoint (data.kind "records": no scene texts to fit a tokenizer
 # on), and the checkpoint their docstring names; its config.json is written here when
 # model.path does not exist on this machine
@@ -84,7 +86,11 @@ VARIANTS = variants()
 def get_config(variant):
     file, _, name = variant.partition(":")
     module = load(file)
-    return module.get_config(name) if name else module.get_config()
+    config = module.get_config(name) if name else module.get_config()
+    if file in STUDIES:
+        assert config.is_locked and set(config) >= {"workdir", "rungs", "seeds", "base"}
+        return config.base
+    return config
 
 
 def sub_dicts(config, prefix=""):
@@ -133,10 +139,12 @@ def parse(argv):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cli_overrides_apply_and_unknown_ones_are_refused(variant):
     path = os.path.join(EXPERIMENTS, variant)
-    config = parse(["train", f"--config={path}", "--config.rl.steps=3", "--config.data.seed=7"])
+    prefix = "--config.base." if variant in STUDIES else "--config."  # a study's train config is its base
+    config = parse(["train", f"--config={path}", f"{prefix}rl.steps=3", f"{prefix}data.seed=7"])
+    config = config.base if variant in STUDIES else config
     assert config.rl.steps == 3 and config.data.seed == 7
     assert config.rl.loss == get_config(variant).rl.loss
-    for bad in ("--config.rl.stepz=3", "--config.rl.reward_weights.lambda_acz=1", "--config.stepz=3"):
+    for bad in (f"{prefix}rl.stepz=3", f"{prefix}rl.reward_weights.lambda_acz=1", "--config.stepz=3"):
         with pytest.raises((AttributeError, KeyError, flags.Error), match="stepz|lambda_acz"):
             parse(["train", f"--config={path}", bad])
 
