@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlcal_jax import parallel
-from vlcal_jax.models import qwen3_vl, text
+from vlcal_jax.models import qwen3_vl
 from vlcal_jax.models.config import ModelConfig
+from vlcal_jax.sampling import choose, decode
+from vlcal_jax.sampling.choose import filter_logits  # noqa: F401  (public: sampling.filter_logits)
 
 log = logging.getLogger(__name__)
 
@@ -44,64 +46,11 @@ class SampleOutput(NamedTuple):
     finished: jax.Array
 
 
-def nucleus_threshold(probs, top_p, iterations: int = 32):
-    """Per-row probability threshold of the top-p nucleus, by bisection (no vocabulary sort).
-
-    Token i is in the nucleus when the mass of strictly more probable tokens is < top_p; the
-    returned tau [..., 1] keeps exactly `probs >= tau` (up to 2**-iterations * max prob).
-    """
-    def mass_above(t):
-        return jnp.sum(jnp.where(probs > t, probs, 0.0), axis=-1, keepdims=True)
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        inside = mass_above(mid) < top_p  # mid is at or above the boundary
-        return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
-
-    hi = jnp.max(probs, axis=-1, keepdims=True)
-    lo = jnp.zeros_like(hi)
-    _, hi = jax.lax.fori_loop(0, iterations, body, (lo, hi))
-    # the most probable token is always kept
-    return jnp.minimum(hi, jnp.max(probs, axis=-1, keepdims=True))
-
-
-def filter_logits(logits, temperature, top_k: int, top_p, use_top_p: bool = True):
-    """Scaled and filtered logits [..., V] (-inf outside the top-k / nucleus). The nucleus keeps
-    the tokens whose strictly-more-probable mass is below top_p (at least 1 token); exact ties
-    at the boundary are kept together. `use_top_p=False` (static) skips it when top_p == 1."""
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if not use_top_p:
-        return logits
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.where(probs >= nucleus_threshold(probs, top_p), logits, -jnp.inf)
-
-
-def sample_categorical(key, logits):
-    """One draw per row of softmax(logits [N, V]) by inverse CDF: one uniform per row instead
-    of V Gumbel variates (the bottleneck of `jax.random.categorical` on CPU)."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, cdf.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
-    token = jnp.sum(cdf < u, axis=-1)
-    return jnp.minimum(token, logits.shape[-1] - 1)
-
-
-def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p: bool):
-    """-> (token [N], sampling logprob [N], policy logprob [N]) from logits [N, V]."""
-    policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    if greedy:
-        token = jnp.argmax(logits, axis=-1)
-        sample_lp = jnp.zeros(token.shape, jnp.float32)
-    else:
-        filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
-        token = sample_categorical(key, filtered)
-        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
-    policy_lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
-    return token.astype(jnp.int32), sample_lp, policy_lp
+def count_trace() -> None:
+    """Called at the end of each engine program's Python body: one completed trace, i.e. one
+    program compiled (the line does not run when the compiled program does)."""
+    global _programs_traced
+    _programs_traced += 1
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "n", "greedy", "top_k", "eos_token_ids",
@@ -109,20 +58,19 @@ def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p
 def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temperature, top_p, *,
                          max_new_tokens: int, n: int, greedy: bool, top_k: int, eos_token_ids: tuple[int, ...],
                          pad_token_id: int, use_top_p: bool = True) -> SampleOutput:
-    """The whole rollout as one compiled program (see `generate` for the arguments). Traced
-    under `parallel.use_mesh(mesh)`, its rows and KV cache are split over the mesh."""
+    """The static engine: the whole rollout as one compiled program (see `generate` for the
+    arguments). Every row decodes until the batch's last row ends. Traced under
+    `parallel.use_mesh(mesh)`, its rows and KV cache are split over the mesh."""
     qwen3_vl.check_inputs(config, inputs)
     batch, prompt_len = inputs.input_ids.shape
     real_rows = batch * n
     total = prompt_len + max_new_tokens
     # Prompts and sample rows are padded to a multiple of the batch shards (1 without a mesh), so
     # the prefill and the KV cache split over the batch axes whatever the prompt count; padding
-    # rows come last, are done from the start and are stripped from the outputs (the real rows'
-    # random draws are the leading ones of the same key: unchanged).
+    # rows come last and are done from the start (every row draws from its own key: they change
+    # no real row's draws), and are stripped from the outputs.
     shards = parallel.shards("batch")
-    hidden, kv = qwen3_vl.apply(config, params, pad_rows(inputs, -batch % shards), return_hidden=True,
-                                return_kv=True)
-    last_logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, -1])  # [B', V]
+    last_logits, kv = decode.prefill(config, params, pad_rows(inputs, -batch % shards))
     rows = real_rows + -real_rows % shards
 
     def per_row(x, axis=0):
@@ -132,40 +80,39 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
             return jnp.repeat(x, n, axis=axis)
         return jnp.take(x, jnp.minimum(jnp.arange(rows) // n, batch - 1), axis=axis)
 
-    cache_dtype = config.compute_dtype
+    unrolled = decode.unroll_layers()
     pad = [(0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0)]
     # [L, rows, KV, Tp + M, hd]: rows over the batch axes, KV heads over "tensor"
-    k, v = (parallel.constrain(jnp.pad(per_row(a.astype(cache_dtype), axis=1), pad), None, "batch", "tensor", None,
-                               None) for a in kv)
+    k, v = (decode.split_cache(decode.cache_spec(jnp.pad(per_row(a, axis=1), pad)), unrolled) for a in kv)
+    step_params = decode.decode_params(params, unrolled)
     valid = jnp.pad(per_row(inputs.attention_mask > 0), [(0, 0), (0, max_new_tokens)])
     next_position = per_row(inputs.next_position)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
 
-    rng, key = jax.random.split(rng)
-    token, slp, plp = _choose(per_row(last_logits), key, greedy, temperature, top_k, top_p, use_top_p)
+    def pick(logits, t):
+        return choose.choose(logits, choose.row_keys(rng, row_ids, jnp.full((rows,), t, jnp.int32), n), greedy,
+                             temperature, top_k, top_p, use_top_p)
+
+    token, slp, plp = pick(per_row(last_logits), 0)
     tokens = jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
     sample_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp)
     policy_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp)
-    done = jnp.isin(token, eos) | (jnp.arange(rows) >= real_rows)
+    done = jnp.isin(token, eos) | (row_ids >= real_rows)
     lengths = jnp.ones((rows,), jnp.int32)
 
     def cond(state):
-        step, _, _, _, _, _, done, _, _ = state
+        step, _, _, _, _, done, _ = state
         return (step < max_new_tokens - 1) & ~jnp.all(done)
 
     def body(state):
-        step, tokens, sample_lps, policy_lps, k, v, done, lengths, rng = state
+        step, tokens, sample_lps, policy_lps, cache, done, lengths = state
         write = prompt_len + step
-        valid_now = valid | (jnp.arange(total)[None, :] < write + 1) & (jnp.arange(total)[None, :] >= prompt_len)
-        x = params["text"]["embed"].astype(cache_dtype)[tokens[:, step]][:, None]
-        pos = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
-        cos, sin = text.mrope_cos_sin(pos, config.text)
-        hidden, (k, v) = text.decoder(config, params, x, cos, sin, valid_now,
-                                      cache=text.KVCache(k, v, valid_now), write_index=write)
-        k, v = (parallel.constrain(a, None, "batch", "tensor", None, None) for a in (k, v))
-        logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, 0])
-        rng, key = jax.random.split(rng)
-        token, slp, plp = _choose(logits, key, greedy, temperature, top_k, top_p, use_top_p)
+        columns = jnp.arange(total)[None, :]
+        valid_now = valid | (columns < write + 1) & (columns >= prompt_len)
+        logits, cache = decode.step(config, step_params, tokens[:, step], next_position + step, cache, valid_now,
+                                    write)
+        token, slp, plp = pick(logits, step + 1)
         active = ~done
         token = jnp.where(active, token, pad_token_id)
         tokens = tokens.at[:, step + 1].set(token)
@@ -173,12 +120,11 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
         policy_lps = policy_lps.at[:, step + 1].set(jnp.where(active, plp, 0.0))
         lengths = lengths + active.astype(jnp.int32)
         done = done | (active & jnp.isin(token, eos))
-        return step + 1, tokens, sample_lps, policy_lps, k, v, done, lengths, rng
+        return step + 1, tokens, sample_lps, policy_lps, cache, done, lengths
 
-    state = (jnp.int32(0), tokens, sample_lps, policy_lps, k, v, done, lengths, rng)
-    _, tokens, sample_lps, policy_lps, _, _, done, lengths, _ = jax.lax.while_loop(cond, body, state)
-    global _programs_traced
-    _programs_traced += 1  # a completed trace; this line does not run when the compiled program does
+    state = (jnp.int32(0), tokens, sample_lps, policy_lps, (k, v), done, lengths)
+    _, tokens, sample_lps, policy_lps, _, done, lengths = jax.lax.while_loop(cond, body, state)
+    count_trace()
     return SampleOutput(*(x[:real_rows] for x in (tokens, sample_lps, policy_lps, lengths, done)))
 
 
