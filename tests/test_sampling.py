@@ -1,5 +1,6 @@
-"""Rollout engine: greedy parity with HF generate, log-probs, sampling distribution, EOS, compiles,
-input checks."""
+"""Rollout engines: greedy parity with HF generate, log-probs, sampling distribution, EOS, compiles,
+input checks. `sampling.generate` runs the continuous engine (its default) unless a test names
+the static one; tests/test_sampling_continuous.py checks what is particular to slots."""
 
 import jax
 import jax.numpy as jnp
@@ -134,13 +135,15 @@ def test_eos_stops_rows_pads_after_and_unstopped_rows_run_to_the_cap(tiny):
     assert any(s is None for s in first.values()), "test needs one row that never stops"
 
 
-def test_same_buckets_compile_nothing_new(tiny):
+@pytest.mark.parametrize("engine, programs", [("static", 1), ("continuous", 2)])
+def test_same_buckets_compile_nothing_new(tiny, engine, programs):
+    """The static engine is one program; the continuous one a prefill and a decode segment."""
     _, config, params, (ids, mask, pv, grid) = tiny
-    kwargs = dict(max_new_tokens=4, temperature=1.0, n=2, rng=jax.random.key(4))  # no other test's settings
+    kwargs = dict(max_new_tokens=4, temperature=1.0, n=2, rng=jax.random.key(4), engine=engine)  # no other test's
     start = sampling.compile_count()
     sampling.generate(config, params, ids, mask, pv, grid, **kwargs)
     before = sampling.compile_count()
-    assert before == start + 1, "a new program must be counted"
+    assert before == start + programs, "new programs must be counted"
     # other image sizes with the same patch bucket, shorter prompts in the same length bucket
     batch = H.make_batch(np.random.default_rng(13), [(1, 6, 4), (1, 4, 6), (1, 2, 2), (1, 4, 4)], ROWS,
                          patch_dim=config.vision.patch_dim)

@@ -1,4 +1,5 @@
-"""Jitted multimodal KV-cache sampler: one prefill per prompt, n samples, `lax.while_loop` decode.
+"""The static engine: one prefill per prompt, n samples, `lax.while_loop` decode of every row
+until the batch's last one ends (sampling.continuous refills finished rows instead).
 
 KV cache memory (per generate call, compute dtype bytes `s`):
     2 * num_layers * (B * n) * (T_prompt + max_new_tokens) * num_kv_heads * head_dim * s
@@ -11,7 +12,6 @@ num_kv_heads divides it, 1 / tensor of the heads.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import NamedTuple
 
 import jax
@@ -22,14 +22,12 @@ from vlcal_jax import parallel
 from vlcal_jax.models import qwen3_vl
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.sampling import choose, decode
-from vlcal_jax.sampling.choose import filter_logits  # noqa: F401  (public: sampling.filter_logits)
-
-log = logging.getLogger(__name__)
 
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
-# Programs traced by `generate_from_inputs`: its Python body runs only when jit traces a new
-# signature (each completed trace is one compiled program); counting there needs no private jit state.
+# Programs traced by the engines (`count_trace`): a jitted function's Python body runs only when
+# jit traces a new signature (each completed trace is one compiled program); counting there needs
+# no private jit state.
 _programs_traced = 0
 
 
@@ -159,64 +157,8 @@ def left_pad(input_ids, attention_mask, length: int, pad_token_id: int):
     return ids, np.pad(np.asarray(attention_mask), ((0, 0), (extra, 0)))
 
 
-def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
-             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
-             rng=None, eos_token_ids=(), pad_token_id: int = 0, length_buckets=DEFAULT_LENGTH_BUCKETS,
-             patch_bucket: int | None = None, mesh=None) -> SampleOutput:
-    """Samples `n` continuations of each processor-format prompt (see models.prepare_inputs).
-
-    temperature == 0 is greedy. With `mesh`, prompt rows are split over ("data", "fsdp") (params
-    sharded by parallel.shard_params). Prompts are left-padded to a length bucket and patches to a
-    patch bucket, so repeated calls with the same buckets reuse one compiled program.
-    """
-    if max_new_tokens < 1 or n < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} and n={n} must be >= 1")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    qwen3_vl.check_batch(config, input_ids, attention_mask, pixel_values, image_grid_thw)
-    mask = np.ones_like(np.asarray(input_ids)) if attention_mask is None else attention_mask
-    length = bucket_length(np.asarray(input_ids).shape[1], length_buckets) if length_buckets else None
-    if length:
-        input_ids, mask = left_pad(input_ids, mask, length, pad_token_id)
-    inputs = qwen3_vl.prepare_inputs(config, input_ids, mask, pixel_values, image_grid_thw, patch_bucket=patch_bucket)
-    if mesh is not None:
-        inputs = shard_inputs(inputs, mesh)
-    rng = jax.random.key(0) if rng is None else rng
-    greedy = temperature == 0
-    before = compile_count()
-    with parallel.use_mesh(mesh if mesh is not None else parallel.mesh_of(params)):
-        out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
-                                   max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
-                                   eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id,
-                                   use_top_p=top_p < 1.0)
-    if compile_count() > before:
-        log.info("compiled generate: batch=%d length=%d patches=%s n=%d max_new_tokens=%d (%d programs)",
-                 inputs.input_ids.shape[0], inputs.input_ids.shape[1],
-                 None if inputs.vision is None else inputs.vision.pixel_values.shape[0], n, max_new_tokens,
-                 compile_count())
-    return out
-
-
-def shard_inputs(inputs: qwen3_vl.ModelInputs, mesh) -> qwen3_vl.ModelInputs:
-    """Places prompt rows over ("data", "fsdp") where they divide evenly (position_ids carry the
-    batch on axis 1); vision rows are split over images the same way; the rest is replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    size = mesh.shape["data"] * mesh.shape["fsdp"]
-
-    def place(path, leaf):
-        axis = 1 if parallel.path_str(path).endswith("position_ids") else 0
-        spec = [None] * np.ndim(leaf)
-        if np.ndim(leaf) and np.shape(leaf)[axis] % size == 0:
-            spec[axis] = parallel.BATCH
-        return jax.device_put(leaf, NamedSharding(mesh, P(*spec)))
-
-    return jax.tree_util.tree_map_with_path(place, inputs)
-
-
 def compile_count() -> int:
-    """How many generate programs have been traced, i.e. compiled, in this process (a program
-    placed on another device compiles again without a new trace, and is not counted)."""
+    """How many sampler programs (the static engine's, the continuous engine's prefill and
+    segment) have been traced, i.e. compiled, in this process (a program placed on another
+    device compiles again without a new trace, and is not counted)."""
     return _programs_traced
