@@ -181,14 +181,18 @@ def _per_shard(fn, *args):
     if mesh.empty:
         return fn(*args)
     batch = parallel.axes("batch") or None
+    kv_heads = next((x.shape[2] for x in jax.tree.leaves(args) if x.ndim == 5), 0)
+    heads = "tensor" if kv_heads and parallel.axes("tensor") and parallel.divides(kv_heads, "tensor") else None
 
-    def spec(x):
-        if x.ndim == 5:  # a stacked cache [L, rows, KV, T, hd]: heads over "tensor" where they divide
-            return P(None, batch, "tensor" if parallel.divides(x.shape[2], "tensor") else None, None, None)
-        return P(batch, *[None] * (x.ndim - 1))
+    def spec(x):  # a stacked cache [L, rows, KV, T, hd] has its heads over "tensor" where they divide
+        return P(None, batch, heads, None, None) if x.ndim == 5 else P(batch, *[None] * (x.ndim - 1))
+
+    def local(x, s):
+        sizes = [1 if a is None else parallel.shards("batch" if a == batch else "tensor") for a in s]
+        return jax.ShapeDtypeStruct(tuple(d // k for d, k in zip(x.shape, sizes)), x.dtype)
 
     specs = jax.tree.map(spec, args)
-    out = jax.eval_shape(fn, *args)
+    out = jax.eval_shape(fn, *jax.tree.map(local, args, specs))  # one shard's outputs: their ranks give the specs
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=jax.tree.map(spec, out), check_vma=False)(*args)
 
 
@@ -208,7 +212,7 @@ def segment(config: ModelConfig, params, prompts: Prompts, slots: Slots, out: Sa
     step_params = decode.decode_params(params, unrolled)
 
     def remaining(slots, out):
-        waiting = _per_shard(lambda o, s, r: jnp.any(_waiting(o, s, r[0]))[None], out, slots.next, real)
+        waiting = _per_shard(lambda o, s, r: jnp.any(_waiting(o, s[0], r[0]))[None], out, slots.next, real)
         return jnp.any(slots.row >= 0) | jnp.any(waiting)
 
     def cond(state):
