@@ -267,4 +267,4 @@ def generate_continuous(config: ModelConfig, params, inputs: qwen3_vl.ModelInput
         for _ in range(-(-bound // steps)):  # dispatched without waiting: segments past the end return at once
             state, out, _ = segment(config, params, prompts, state, out, rng, temperature, top_p, steps=steps,
                                     real_rows=batch * n, **static)
-    return SampleOutput(*(x[:batch * n] for x in out))
+    return out if out.lengths.shape[0] == batch * n else SampleOutput(*(x[:batch * n] for x in out))

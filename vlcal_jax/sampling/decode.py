@@ -38,10 +38,14 @@ def split_cache(stacked, unrolled: bool):
 
 def cache_spec(cache):
     """Pins a cache (stacked [L, B, KV, S, hd] or a tuple of [B, KV, S, hd]) to rows over the batch
-    axes and KV heads over "tensor" (no-op without a mesh)."""
+    axes and KV heads over "tensor" where they divide it, else whole (no-op without a mesh)."""
     if isinstance(cache, tuple):
-        return tuple(parallel.constrain(c, "batch", "tensor", None, None) for c in cache)
-    return parallel.constrain(cache, None, "batch", "tensor", None, None)
+        return tuple(parallel.constrain(c, "batch", _heads(c.shape[1]), None, None) for c in cache)
+    return parallel.constrain(cache, None, "batch", _heads(cache.shape[2]), None, None)
+
+
+def _heads(kv_heads: int):
+    return "tensor" if parallel.divides(kv_heads, "tensor") else None
 
 
 def prefill(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs):
