@@ -196,7 +196,10 @@ def _per_shard(fn, *args):
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=jax.tree.map(spec, out), check_vma=False)(*args)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("steps", "real_rows"), donate_argnames=("slots", "out"))
+# keep_unused: the vision tower's weights, unread while decoding, stay arguments, so XLA's memory
+# report of the program (vlcal_jax.fit) counts the whole policy as the other engines' do
+@functools.partial(jax.jit, static_argnames=_STATIC + ("steps", "real_rows"), donate_argnames=("slots", "out"),
+                   keep_unused=True)
 def segment(config: ModelConfig, params, prompts: Prompts, slots: Slots, out: SampleOutput, rng, temperature, top_p,
             *, steps: int, real_rows: int, max_new_tokens: int, n: int, greedy: bool, top_k: int,
             eos_token_ids: tuple[int, ...], pad_token_id: int, use_top_p: bool = True):
