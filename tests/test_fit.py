@@ -74,10 +74,10 @@ def test_tiny_config_fits_v4_8_and_v5e_8(tmp_path):
         assert sampler["reference_model"] == sampler["policy_copy"] == sampler["parameters"] // 2
         assert 1.9 * sampler["parameters"] <= sampler["optimizer_state"] <= 2.1 * sampler["parameters"]
         # the continuous engine's [L, slots, KV heads, Tp + M, hd] and the prompts' [L, prompts, KV heads, Tp, hd]
-        # keys and values in bfloat16: 16 rows / 4 = 4 slots and 8 prompts, each split over the chips
-        slots, prompts = -(-4 // chips), -(-8 // chips)
+        # keys and values in bfloat16: 16 slots (one per row) and 8 prompts, each split over the chips
+        slots, prompts = 16 // chips, 8 // chips
         assert sampler["kv_cache"] == 2 * 1 * (slots * (32 + 16) + prompts * 32) * 2 * 32 * 2
-        assert "continuous engine, 4 decode slots" in proc.stdout
+        assert "continuous engine, 16 decode slots" in proc.stdout
         for program in ("sampler", "score", "update"):
             memory = record["memory"][program]
             assert memory["refused"] is None and 0 < memory["total"] < record["hbm_bytes"]

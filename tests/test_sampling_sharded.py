@@ -136,7 +136,7 @@ def cache_collectives(config, params, mesh, batch):
     static = dict(max_new_tokens=NEW, n=N, greedy=False, top_k=0, eos_token_ids=(5,), pad_token_id=0, use_top_p=False)
     with jax.set_mesh(mesh):
         state = continuous.prefill(config, params, inputs, jax.random.key(0), 1.0, 1.0, slots=SLOTS, **static)
-        hlo = continuous.segment.lower(config, params, *state, jax.random.key(0), 1.0, 1.0, steps=4,
+        hlo = continuous.segment.lower(config, params, *state, 1.0, 1.0, steps=4,
                                        real_rows=ids.shape[0] * N, **static).compile().as_text()
     cache = {(ids.shape[1] + NEW, config.text.head_dim), (ids.shape[1], config.text.head_dim)}
     return [line for _, shape, line in collectives(hlo, mesh.size) if len(shape) >= 3 and shape[-2:] in cache]

@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine", default="continuous", choices=("continuous", "static"),
                         help="sampler: decode slots refilled as rows end, or every row to the batch's last")
     parser.add_argument("--decode_slots", type=int, default=0,
-                        help="continuous engine: decode slots per batch (0: a quarter of --batch_size)")
+                        help="continuous engine: decode slots per batch (0: one per row, --batch_size)")
     parser.add_argument("--dtype", default="auto",
                         help="parameter dtype: auto (float32 on CPU, bfloat16 on TPU/GPU), float32, bfloat16")
     parser.add_argument("--min_pixels", type=int, default=None,

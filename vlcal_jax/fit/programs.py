@@ -253,7 +253,7 @@ def sampler(setup: Setup, sizes: Sizes) -> Compiled:
                          lowered["prefill"].out_info, compiled.output_shardings)
     bound = continuous.schedule_steps(prompts, sizes.slots, sizes.samples, sizes.response_len, setup.batch_shards)
     second = _compile("sampler (decode segment)", setup.mesh, lambda: continuous.segment.lower(
-        setup.config, setup.policy, *state, setup.rng, scalar, scalar,
+        setup.config, setup.policy, *state, scalar, scalar,
         steps=min(continuous.DEFAULT_SEGMENT_STEPS, bound), real_rows=prompts * sizes.samples, **static))
     return second if not second.ok or second.live_bytes >= first.live_bytes else first
 

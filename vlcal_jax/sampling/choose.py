@@ -15,12 +15,22 @@ import jax.numpy as jnp
 CDF_BLOCK = 256
 
 
-def row_keys(rng, rows, t, n: int):
-    """Keys [N] of output rows `rows` [N] (row = g * n + j: prompt g, sample j) at token index t [N]:
-    fold_in(fold_in(fold_in(rng, g), j), t)."""
-    fold = jax.vmap(jax.random.fold_in)
+def sample_keys(rng, rows, n: int):
+    """Key data uint32 [N, 2] of output rows `rows` [N] (row = g * n + j: prompt g, sample j):
+    fold_in(fold_in(rng, g), j). Raw data, so that it can be selected and carried like any array."""
     per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows // n)
-    return fold(fold(per_prompt, rows % n), t)
+    return jax.random.key_data(jax.vmap(jax.random.fold_in)(per_prompt, rows % n))
+
+
+def token_keys(keys, t):
+    """The keys [N] of token index t [N] of the rows whose `sample_keys` are `keys` [N, 2]:
+    fold_in(fold_in(fold_in(rng, g), j), t)."""
+    return jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), t)
+
+
+def row_keys(rng, rows, t, n: int):
+    """Keys [N] of output rows `rows` [N] at token index t [N] (`token_keys` of `sample_keys`)."""
+    return token_keys(sample_keys(rng, rows, n), t)
 
 
 def uniforms(keys):

@@ -52,12 +52,14 @@ _STATIC = ("config", "max_new_tokens", "n", "greedy", "top_k", "eos_token_ids", 
 
 class Prompts(NamedTuple):
     """The call's prefilled prompts (read-only while decoding): k, v [L, B, KV, Tp, hd], valid bool
-    [B, Tp] (their attention masks), next_position int32 [B] (the first generated position)."""
+    [B, Tp] (their attention masks), next_position int32 [B] (the first generated position);
+    keys uint32 [B * n, 2]: each output row's `choose.sample_keys`."""
 
     k: jax.Array
     v: jax.Array
     valid: jax.Array
     next_position: jax.Array
+    keys: jax.Array
 
 
 class Slots(NamedTuple):
@@ -65,8 +67,8 @@ class Slots(NamedTuple):
     unrolled); prompt_valid bool [S, Tp] (the slot's prompt keys); row int32 [S]: the output row
     it decodes, as an index into its batch shard's rows (-1: free); t int32 [S]: that row's
     tokens so far; last int32 [S]: its last token (the next step's input); position int32 [S]:
-    the rotary position of `last`; next int32 [D]: each batch shard's queue head (the first of
-    its rows that no slot has taken yet)."""
+    the rotary position of `last`; key uint32 [S, 2]: the row's `choose.sample_keys`; next int32
+    [D]: each batch shard's queue head (the first of its rows that no slot has taken yet)."""
 
     k: jax.Array | tuple
     v: jax.Array | tuple
@@ -75,6 +77,7 @@ class Slots(NamedTuple):
     t: jax.Array
     last: jax.Array
     position: jax.Array
+    key: jax.Array
     next: jax.Array
 
 
@@ -96,21 +99,23 @@ def prefill(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temp
     logits, (k, v) = decode.prefill(config, params, inputs)
     rows = inputs.input_ids.shape[0] * n
     row_ids = jnp.arange(rows, dtype=jnp.int32)
-    keys = choose.row_keys(rng, row_ids, jnp.zeros((rows,), jnp.int32), n)
-    token, slp, plp = choose.choose(jnp.repeat(logits, n, axis=0), keys, greedy, temperature, top_k, top_p,
-                                    use_top_p)
+    keys = choose.sample_keys(rng, row_ids, n)
+    token, slp, plp = choose.choose(jnp.repeat(logits, n, axis=0), choose.token_keys(keys, jnp.zeros_like(row_ids)),
+                                    greedy, temperature, top_k, top_p, use_top_p)
     out = SampleOutput(jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token),
                        jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp),
                        jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp),
                        jnp.ones((rows,), jnp.int32), jnp.isin(token, jnp.asarray(eos_token_ids, jnp.int32)))
-    prompts = Prompts(decode.cache_spec(k), decode.cache_spec(v), inputs.attention_mask > 0, inputs.next_position)
+    prompts = Prompts(decode.cache_spec(k), decode.cache_spec(v), inputs.attention_mask > 0, inputs.next_position,
+                      keys)
     count = padded(slots, shards)
     layers, _, kv_heads, _, head_dim = k.shape
     cache = decode.cache_spec(jnp.zeros((layers, count, kv_heads, prompt_len + max_new_tokens, head_dim), k.dtype))
     unrolled = decode.unroll_layers()
     empty = Slots(decode.split_cache(cache, unrolled), decode.split_cache(cache, unrolled),
                   jnp.zeros((count, prompt_len), bool), jnp.full((count,), -1, jnp.int32),
-                  *(jnp.zeros((count,), jnp.int32) for _ in range(3)), jnp.zeros((shards,), jnp.int32))
+                  *(jnp.zeros((count,), jnp.int32) for _ in range(3)), jnp.zeros((count,) + keys.shape[1:], keys.dtype),
+                  jnp.zeros((shards,), jnp.int32))
     count_trace()
     return prompts, empty, out
 
@@ -144,7 +149,7 @@ def _refill(slots: Slots, prompts: Prompts, out: SampleOutput, real_rows, *, n: 
     return slots._replace(
         k=k, v=v, prompt_valid=where(prompts.valid[prompt], slots.prompt_valid), row=where(row, slots.row),
         t=where(1, slots.t), last=where(out.tokens[row, 0], slots.last),
-        position=where(prompts.next_position[prompt], slots.position),
+        position=where(prompts.next_position[prompt], slots.position), key=where(prompts.keys[row], slots.key),
         next=jnp.searchsorted(waiting, count, side="right").astype(jnp.int32)[None])
 
 
@@ -200,14 +205,14 @@ def _per_shard(fn, *args):
 # report of the program (vlcal_jax.fit) counts the whole policy as the other engines' do
 @functools.partial(jax.jit, static_argnames=_STATIC + ("steps", "real_rows"), donate_argnames=("slots", "out"),
                    keep_unused=True)
-def segment(config: ModelConfig, params, prompts: Prompts, slots: Slots, out: SampleOutput, rng, temperature, top_p,
-            *, steps: int, real_rows: int, max_new_tokens: int, n: int, greedy: bool, top_k: int,
+def segment(config: ModelConfig, params, prompts: Prompts, slots: Slots, out: SampleOutput, temperature, top_p, *,
+            steps: int, real_rows: int, max_new_tokens: int, n: int, greedy: bool, top_k: int,
             eos_token_ids: tuple[int, ...], pad_token_id: int, use_top_p: bool = True):
     """Up to `steps` decode steps of every slot (each preceded by the refill of free slots), ending
     early once no slot is busy and no row waits. -> (slots, out, whether work remains)."""
     del pad_token_id  # outputs were filled with it by prefill
     shards = slots.next.shape[0]
-    shard_rows, shard_slots = out.lengths.shape[0] // shards, slots.row.shape[0] // shards
+    shard_rows = out.lengths.shape[0] // shards
     prompt_len = prompts.valid.shape[1]
     # each shard's real rows (padding prompts sit at the end of the last shards)
     real = jnp.clip(real_rows - jnp.arange(shards, dtype=jnp.int32) * shard_rows, 0, shard_rows)
@@ -228,10 +233,8 @@ def segment(config: ModelConfig, params, prompts: Prompts, slots: Slots, out: Sa
         valid = jnp.concatenate([slots.prompt_valid, jnp.arange(max_new_tokens)[None] < slots.t[:, None]], axis=1)
         logits, (k, v) = decode.step(config, step_params, slots.last, slots.position, (slots.k, slots.v), valid,
                                      prompt_len + slots.t - 1)
-        # the global row of each slot's (shard-local) row: the keys of (prompt, sample, token index)
-        shard = jnp.arange(slots.row.shape[0], dtype=jnp.int32) // shard_slots
-        keys = choose.row_keys(rng, jnp.maximum(slots.row, 0) + shard * shard_rows, slots.t, n)
-        token, slp, plp = choose.choose(logits, keys, greedy, temperature, top_k, top_p, use_top_p)
+        token, slp, plp = choose.choose(logits, choose.token_keys(slots.key, slots.t), greedy, temperature, top_k,
+                                        top_p, use_top_p)
         slots, out = _per_shard(functools.partial(_record, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens),
                                 slots._replace(k=k, v=v), out, token, slp, plp)
         return i + 1, slots, out
@@ -268,6 +271,6 @@ def generate_continuous(config: ModelConfig, params, inputs: qwen3_vl.ModelInput
         bound = schedule_steps(batch, slots, n, max_new_tokens, shards)
         steps = min(segment_steps or bound, bound)
         for _ in range(-(-bound // steps)):  # dispatched without waiting: segments past the end return at once
-            state, out, _ = segment(config, params, prompts, state, out, rng, temperature, top_p, steps=steps,
+            state, out, _ = segment(config, params, prompts, state, out, temperature, top_p, steps=steps,
                                     real_rows=batch * n, **static)
     return out if out.lengths.shape[0] == batch * n else SampleOutput(*(x[:batch * n] for x in out))

@@ -87,10 +87,11 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
     next_position = per_row(inputs.next_position)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
     row_ids = jnp.arange(rows, dtype=jnp.int32)
+    keys = choose.sample_keys(rng, row_ids, n)
 
     def pick(logits, t):
-        return choose.choose(logits, choose.row_keys(rng, row_ids, jnp.full((rows,), t, jnp.int32), n), greedy,
-                             temperature, top_k, top_p, use_top_p)
+        return choose.choose(logits, choose.token_keys(keys, jnp.full((rows,), t, jnp.int32)), greedy, temperature,
+                             top_k, top_p, use_top_p)
 
     token, slp, plp = pick(per_row(last_logits), 0)
     tokens = jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
