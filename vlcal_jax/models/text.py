@@ -19,11 +19,13 @@ from vlcal_jax.models.config import ModelConfig, TextConfig
 
 
 class KVCache(NamedTuple):
-    """Static-shape cache: k/v [L, B, KV, S, head_dim], valid [B, S] bool (keys that exist)."""
+    """Static-shape cache: k/v [L, B, KV, S, head_dim] ("head" layout) or [L, B, S, KV, head_dim]
+    ("token"), valid [B, S] bool (keys that exist)."""
 
     k: jax.Array
     v: jax.Array
     valid: jax.Array
+    layout: str = "head"
 
 
 def mrope_axis(config: TextConfig) -> np.ndarray:
@@ -46,7 +48,7 @@ def mrope_cos_sin(position_ids, config: TextConfig):
 
 
 def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_index=None, layer=None, *,
-                  attention_impl: str = "xla"):
+                  attention_impl: str = "xla", kv_layout: str = "head"):
     """One layer. x [B, T, D]; key_valid bool [B, S] (False: a padding key, or a cache slot not yet written).
 
     Without `kv`: causal self-attention over this call's own tokens (S == T); returns
@@ -57,8 +59,9 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
     the cache instead of copying every layer's cache in and out of the layer scan. With
     `layer=None`, `kv` is this layer's own cache [B, KV, S, hd] (the unrolled decode loop).
     `write_index` is a scalar (every row writes at the same position) or, for T = 1, int [B]
-    (row b writes at its own position: the continuous engine's slots). Every valid key is
-    visible to every query of the call (decoding calls it with T = 1).
+    (row b writes at its own position: the continuous engine's slots). `kv_layout="token"`: the
+    cache is [.., B, S, KV, hd] (`write_cache`). Every valid key is visible to every query of the
+    call (decoding calls it with T = 1).
     """
     batch, length, _ = x.shape
     hd = config.head_dim
@@ -74,11 +77,10 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
     k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if kv is not None:
-        new_kv = tuple(write_cache(c, x, layer, write_index) for c, x in zip(kv, (k, v)))
-        if layer is None:
-            k_all, v_all = (c.astype(q.dtype) for c in new_kv)
-        else:
-            k_all, v_all = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in new_kv)
+        token_major = kv_layout == "token"
+        new_kv = tuple(write_cache(c, x, layer, write_index, token_major) for c, x in zip(kv, (k, v)))
+        k_all, v_all = (c if layer is None else jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in new_kv)
+        k_all, v_all = ((c.swapaxes(1, 2) if token_major else c).astype(q.dtype) for c in (k_all, v_all))
         out = attention.attention(q, k_all, v_all, hd**-0.5, key_valid, causal=False, impl=attention_impl)
     else:
         new_kv = (k, v)
@@ -97,15 +99,25 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
     return x + h, new_kv
 
 
-def write_cache(cache, new, layer, write_index):
+def write_cache(cache, new, layer, write_index, token_major: bool = False):
     """`new` [B, KV, T, hd] written into `cache` ([L, B, KV, S, hd] at layer `layer`, or one
-    layer's [B, KV, S, hd] when `layer` is None) at position `write_index`: a scalar (one
-    dynamic_update_slice) or int [B] with T = 1 (a scatter, one position per row)."""
+    layer's [B, KV, S, hd] when `layer` is None; [.., B, S, KV, hd] when `token_major`) at
+    position `write_index`: a scalar (one dynamic_update_slice) or int [B] with T = 1 (a scatter,
+    one position per row).
+
+    Token-major is how TPU lays a decode cache out (one token's [KV, hd] is one tile, so a step
+    writes whole tiles); a cache that crosses programs (the continuous engine's slots) is kept in
+    it, since an argument in another layout is copied into it at every call."""
     new = new.astype(cache.dtype)
+    if token_major:
+        new = new.swapaxes(1, 2)  # [B, T, KV, hd]
     lead = () if layer is None else (layer,)
     if jnp.ndim(write_index) == 0:
-        return jax.lax.dynamic_update_slice(cache, new if layer is None else new[None], lead + (0, 0, write_index, 0))
+        start = (0, write_index, 0, 0) if token_major else (0, 0, write_index, 0)
+        return jax.lax.dynamic_update_slice(cache, new if layer is None else new[None], lead + start)
     rows = jnp.arange(new.shape[0])
+    if token_major:
+        return cache.at[lead + (rows, write_index)].set(new[:, 0], unique_indices=True)
     return cache.at[lead + (rows, slice(None), write_index)].set(new[:, :, 0], unique_indices=True)
 
 
@@ -169,7 +181,7 @@ def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=
         k_out, v_out = [], []
         for p, k, v in zip(params["text"]["layers"], cache.k, cache.v):
             x, (k, v) = decoder_layer(tc, p, x, cos, sin, key_valid, (k, v), write_index,
-                                      attention_impl=config.attention_impl)
+                                      attention_impl=config.attention_impl, kv_layout=cache.layout)
             k_out.append(k)
             v_out.append(v)
         return layers.rms_norm(x, params["text"]["norm"], tc.rms_norm_eps), (tuple(k_out), tuple(v_out))
@@ -180,7 +192,7 @@ def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=
             h, k_stack, v_stack = carry
             p, i = xs
             h, (k_stack, v_stack) = decoder_layer(tc, p, h, cos, sin, key_valid, (k_stack, v_stack), write_index, layer=i,
-                                                     attention_impl=config.attention_impl)
+                                                     attention_impl=config.attention_impl, kv_layout=cache.layout)
             return (add_deepstack(h, i), k_stack, v_stack), None
 
         (x, k_out, v_out), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["text"]["layers"], layer_ids))

@@ -50,8 +50,17 @@ DEFAULT_SEGMENT_STEPS = 256
 _STATIC = ("config", "max_new_tokens", "n", "greedy", "top_k", "eos_token_ids", "pad_token_id", "use_top_p")
 
 
+def cache_layout(unrolled: bool) -> str:
+    """The slots' cache layout (text.KVCache): per-layer head-major arrays where decode layers are
+    unrolled (one CPU device, where head-major decode attention is fastest), else one token-major
+    stack (under a mesh and on TPU): the cache is an argument of every segment, and TPU copies an
+    argument that is not in its decode layout (token-major) into that layout at each call."""
+    return "head" if unrolled else "token"
+
+
 class Prompts(NamedTuple):
-    """The call's prefilled prompts (read-only while decoding): k, v [L, B, KV, Tp, hd], valid bool
+    """The call's prefilled prompts (read-only while decoding): k, v [L, B, KV, Tp, hd] (in the
+    slots' `cache_layout`: [L, B, Tp, KV, hd] when "token"), valid bool
     [B, Tp] (their attention masks), next_position int32 [B] (the first generated position);
     keys uint32 [B * n, 2]: each output row's `choose.sample_keys`."""
 
@@ -63,8 +72,8 @@ class Prompts(NamedTuple):
 
 
 class Slots(NamedTuple):
-    """The decode slots. k, v [L, S, KV, Tp + M, hd] (tuples of L [S, ...] when decode layers are
-    unrolled); prompt_valid bool [S, Tp] (the slot's prompt keys); row int32 [S]: the output row
+    """The decode slots. k, v [L, S, Tp + M, KV, hd] ("token" `cache_layout`), or tuples of L
+    [S, KV, Tp + M, hd] when decode layers are unrolled; prompt_valid bool [S, Tp] (the slot's prompt keys); row int32 [S]: the output row
     it decodes, as an index into its batch shard's rows (-1: free); t int32 [S]: that row's
     tokens so far; last int32 [S]: its last token (the next step's input); position int32 [S]:
     the rotary position of `last`; key uint32 [S, 2]: the row's `choose.sample_keys`; next int32
@@ -106,12 +115,17 @@ def prefill(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temp
                        jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp),
                        jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp),
                        jnp.ones((rows,), jnp.int32), jnp.isin(token, jnp.asarray(eos_token_ids, jnp.int32)))
-    prompts = Prompts(decode.cache_spec(k), decode.cache_spec(v), inputs.attention_mask > 0, inputs.next_position,
-                      keys)
-    count = padded(slots, shards)
-    layers, _, kv_heads, _, head_dim = k.shape
-    cache = decode.cache_spec(jnp.zeros((layers, count, kv_heads, prompt_len + max_new_tokens, head_dim), k.dtype))
     unrolled = decode.unroll_layers()
+    layout = cache_layout(unrolled)
+    layers, _, kv_heads, _, head_dim = k.shape
+    count = padded(slots, shards)
+    shape = (layers, count, kv_heads, prompt_len + max_new_tokens, head_dim)
+    if layout == "token":
+        k, v = k.swapaxes(2, 3), v.swapaxes(2, 3)
+        shape = shape[:2] + (shape[3], shape[2]) + shape[4:]
+    prompts = Prompts(decode.cache_spec(k, layout), decode.cache_spec(v, layout), inputs.attention_mask > 0,
+                      inputs.next_position, keys)
+    cache = decode.cache_spec(jnp.zeros(shape, k.dtype), layout)
     empty = Slots(decode.split_cache(cache, unrolled), decode.split_cache(cache, unrolled),
                   jnp.zeros((count, prompt_len), bool), jnp.full((count,), -1, jnp.int32),
                   *(jnp.zeros((count,), jnp.int32) for _ in range(3)), jnp.zeros((count,) + keys.shape[1:], keys.dtype),
@@ -154,8 +168,8 @@ def _refill(slots: Slots, prompts: Prompts, out: SampleOutput, real_rows, *, n: 
 
 
 def _write_prompt(cache, source, prompt, slot):
-    """Prompt `prompt`'s keys (or values) of `source` [L, B, KV, Tp, hd] into slot `slot` of
-    `cache` (stacked [L, S, KV, Tp + M, hd], or a tuple of L [S, ...])."""
+    """Prompt `prompt`'s keys (or values) of `source` [L, B, ...] into the first Tp positions of
+    slot `slot` of `cache` (stacked [L, S, ...] in the same layout, or a tuple of L [S, ...])."""
     one = jax.lax.dynamic_index_in_dim(source, prompt, axis=1, keepdims=True)  # [L, 1, KV, Tp, hd]
     if isinstance(cache, tuple):
         return tuple(jax.lax.dynamic_update_slice(c, one[i], (slot, 0, 0, 0)) for i, c in enumerate(cache))
@@ -186,11 +200,11 @@ def _per_shard(fn, *args):
     if mesh.empty:
         return fn(*args)
     batch = parallel.axes("batch") or None
-    kv_heads = next((x.shape[2] for x in jax.tree.leaves(args) if x.ndim == 5), 0)
+    kv_heads = next((x.shape[3] for x in jax.tree.leaves(args) if x.ndim == 5), 0)
     heads = "tensor" if kv_heads and parallel.axes("tensor") and parallel.divides(kv_heads, "tensor") else None
 
-    def spec(x):  # a stacked cache [L, rows, KV, T, hd] has its heads over "tensor" where they divide
-        return P(None, batch, heads, None, None) if x.ndim == 5 else P(batch, *[None] * (x.ndim - 1))
+    def spec(x):  # a stacked token-major cache [L, rows, T, KV, hd]: heads over "tensor" where they divide
+        return P(None, batch, None, heads, None) if x.ndim == 5 else P(batch, *[None] * (x.ndim - 1))
 
     def local(x, s):
         sizes = [1 if a is None else parallel.shards("batch" if a == batch else "tensor") for a in s]
@@ -218,6 +232,7 @@ def segment(config: ModelConfig, params, prompts: Prompts, slots: Slots, out: Sa
     real = jnp.clip(real_rows - jnp.arange(shards, dtype=jnp.int32) * shard_rows, 0, shard_rows)
     unrolled = decode.unroll_layers()
     step_params = decode.decode_params(params, unrolled)
+    layout = cache_layout(unrolled)
 
     def remaining(slots, out):
         waiting = _per_shard(lambda o, s, r: jnp.any(_waiting(o, s[0], r[0]))[None], out, slots.next, real)
@@ -232,7 +247,7 @@ def segment(config: ModelConfig, params, prompts: Prompts, slots: Slots, out: Sa
         slots = _per_shard(lambda s, p, o, r: _refill(s, p, o, r[0], n=n), slots, prompts, out, real)
         valid = jnp.concatenate([slots.prompt_valid, jnp.arange(max_new_tokens)[None] < slots.t[:, None]], axis=1)
         logits, (k, v) = decode.step(config, step_params, slots.last, slots.position, (slots.k, slots.v), valid,
-                                     prompt_len + slots.t - 1)
+                                     prompt_len + slots.t - 1, layout)
         token, slp, plp = choose.choose(logits, choose.token_keys(slots.key, slots.t), greedy, temperature, top_k,
                                         top_p, use_top_p)
         slots, out = _per_shard(functools.partial(_record, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens),

@@ -36,11 +36,14 @@ def split_cache(stacked, unrolled: bool):
     return tuple(stacked[i] for i in range(stacked.shape[0])) if unrolled else stacked
 
 
-def cache_spec(cache):
-    """Pins a cache (stacked [L, B, KV, S, hd] or a tuple of [B, KV, S, hd]) to rows over the batch
-    axes and KV heads over "tensor" where they divide it, else whole (no-op without a mesh)."""
+def cache_spec(cache, layout: str = "head"):
+    """Pins a cache (stacked [L, B, KV, S, hd], [L, B, S, KV, hd] in the "token" layout, or a tuple
+    of [B, KV, S, hd]) to rows over the batch axes and KV heads over "tensor" where they divide
+    it, else whole (no-op without a mesh)."""
     if isinstance(cache, tuple):
         return tuple(parallel.constrain(c, "batch", _heads(c.shape[1]), None, None) for c in cache)
+    if layout == "token":
+        return parallel.constrain(cache, None, "batch", None, _heads(cache.shape[3]), None)
     return parallel.constrain(cache, None, "batch", _heads(cache.shape[2]), None, None)
 
 
@@ -56,16 +59,17 @@ def prefill(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs):
     return logits, (k.astype(config.compute_dtype), v.astype(config.compute_dtype))
 
 
-def step(config: ModelConfig, params, tokens, positions, cache, key_valid, write_index):
+def step(config: ModelConfig, params, tokens, positions, cache, key_valid, write_index, layout: str = "head"):
     """One decode step of N rows: tokens int [N] (each row's last token) at rotary positions int [N]
     (text tokens: the same on the 3 MRoPE axes) are written into `cache` (k, v) at `write_index`
     (scalar, or int [N] per row) and attend to the keys `key_valid` bool [N, S] marks, which
     must include the written one. -> (next-token logits float32 [N, V], updated cache).
-    `params` and `cache` as `decode_params` / `split_cache` lay them out."""
+    `params` and `cache` as `decode_params` / `split_cache` lay them out; `layout` the cache's
+    (text.KVCache)."""
     rows = tokens.shape[0]
     x = params["text"]["embed"][tokens].astype(config.compute_dtype)[:, None]
     pos = jnp.broadcast_to(positions[None, :, None], (3, rows, 1))
     cos, sin = text.mrope_cos_sin(pos, config.text)
     hidden, (k, v) = text.decoder(config, params, x, cos, sin, key_valid,
-                                  cache=text.KVCache(cache[0], cache[1], key_valid), write_index=write_index)
-    return qwen3_vl.logits_from_hidden(config, params, hidden[:, 0]), (cache_spec(k), cache_spec(v))
+                                  cache=text.KVCache(cache[0], cache[1], key_valid, layout), write_index=write_index)
+    return qwen3_vl.logits_from_hidden(config, params, hidden[:, 0]), (cache_spec(k, layout), cache_spec(v, layout))
