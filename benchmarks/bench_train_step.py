@@ -39,7 +39,7 @@ from vlcal_jax import models  # noqa: E402
 from vlcal_jax.models import attention, qwen3_vl  # noqa: E402
 from vlcal_jax.rl import grpo, rollout, step  # noqa: E402
 
-from bench_sampler import hf_config  # noqa: E402  (the same mid-size config as the sampler benchmark)
+from common import hf_config  # noqa: E402  (the same mid-size config as the sampler benchmarks)
 
 IMAGE, VIDEO, START, END = 31990, 31991, 31992, 31993
 GRID = (1, 14, 14)  # a 224x224 image at patch 16

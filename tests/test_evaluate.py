@@ -74,14 +74,14 @@ def model_dir(world, tmp_path_factory):
 
 
 def fake_generation(tokenizer, responses):
-    """A stand-in for sampling.generate_from_inputs that 'samples' the given texts in order:
+    """A stand-in for sampling.sample that 'samples' the given texts in order:
     each call takes the next rows (as many as the batch has real examples left) and fills
     padding rows with a garbage response, as a real sampler would."""
     queue = list(responses)
     calls = []
 
     def fake(config, params, inputs, rng, temperature, top_p, *, max_new_tokens, n, greedy, top_k,
-             eos_token_ids, pad_token_id, use_top_p=True):
+             eos_token_ids, pad_token_id, use_top_p=True, engine_name="continuous", slots=0):
         rows = inputs.input_ids.shape[0] * n
         calls.append(np.asarray(inputs.input_ids))
         tokens = np.full((rows, max_new_tokens), pad_token_id, np.int32)
@@ -183,7 +183,7 @@ def test_teacher_responses_score_perfectly(world, monkeypatch):
     chosen = samples[:5]
     responses = [scenes.teacher_response(s) for s in chosen]
     fake, calls = fake_generation(tokenizer, responses)
-    monkeypatch.setattr(sampling, "generate_from_inputs", fake)
+    monkeypatch.setattr(sampling, "sample", fake)
     result = ev.evaluate(config, params, tokenizer, image_config, [s.to_example() for s in chosen],
                          batch_size=4, max_new_tokens=512)
     assert len(calls) == 2 and all(ids.shape[0] == 4 for ids in calls)  # last batch padded to the batch size
@@ -206,7 +206,7 @@ def test_metrics_match_independent_recomputation(world, monkeypatch, tmp_path):
     responses = [scenes.teacher_response(s, vision_error=v, reasoning_error=r) for s, (v, r) in zip(samples, errors)]
     responses[5] = responses[5].split("<confidence>")[0]  # no confidence block: counted missing, scored as 0
     fake, _ = fake_generation(tokenizer, responses)
-    monkeypatch.setattr(sampling, "generate_from_inputs", fake)
+    monkeypatch.setattr(sampling, "sample", fake)
     result = ev.evaluate(config, params, tokenizer, image_config, [s.to_example() for s in samples],
                          batch_size=5, max_new_tokens=512, out_dir=tmp_path)
     records = result.records

@@ -73,8 +73,11 @@ def test_tiny_config_fits_v4_8_and_v5e_8(tmp_path):
         assert split - 3000 * 4 <= sampler["parameters"] <= split + 3000 * 4
         assert sampler["reference_model"] == sampler["policy_copy"] == sampler["parameters"] // 2
         assert 1.9 * sampler["parameters"] <= sampler["optimizer_state"] <= 2.1 * sampler["parameters"]
-        # [L, rows, KV heads, Tp + M, hd] keys and values in bfloat16, rows split over the chips
-        assert sampler["kv_cache"] == 2 * 1 * 16 * 2 * (32 + 16) * 32 * 2 // chips
+        # the continuous engine's [L, slots, KV heads, Tp + M, hd] and the prompts' [L, prompts, KV heads, Tp, hd]
+        # keys and values in bfloat16: 16 slots (one per row) and 8 prompts, each split over the chips
+        slots, prompts = 16 // chips, 8 // chips
+        assert sampler["kv_cache"] == 2 * 1 * (slots * (32 + 16) + prompts * 32) * 2 * 32 * 2
+        assert "continuous engine, 16 decode slots" in proc.stdout
         for program in ("sampler", "score", "update"):
             memory = record["memory"][program]
             assert memory["refused"] is None and 0 < memory["total"] < record["hbm_bytes"]
@@ -93,9 +96,12 @@ def test_too_large_a_micro_batch_exits_1_naming_one_that_fits(tmp_path):
     # 256 responses in one pass with a 2^22-token vocabulary: the [rows, chunk, V] float32 logits
     # of scoring and of the update, 1/8 of the rows per chip, need more than a v5e chip's 16 GiB
     proc, records = _fit(tmp_path, "--topology=v5e-8", "--config.rl.prompts_per_step=128",
-                         "--config.model.init.vocab_size=4194304", "--config.data.max_images_per_prompt=0")
+                         "--config.model.init.vocab_size=4194304", "--config.data.max_images_per_prompt=0",
+                         "--config.rl.rollout_engine=static")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = records[0]
+    # the static engine: [L, rows, KV heads, Tp + M, hd] keys and values in bfloat16, 256 rows over 8 chips
+    assert record["memory"]["sampler"]["kv_cache"] == 2 * 1 * 256 // 8 * 2 * (32 + 16) * 32 * 2
     assert not record["fits"] and record["memory"]["score"]["refused"], proc.stdout
     fitting = record["fitting_sizes"]
     assert fitting is not None, proc.stdout

@@ -46,7 +46,7 @@ def test_predict_parses_a_decoupled_response(predict_world, capsys, monkeypatch)
     sample, tokenizer, model_dir, image, _ = predict_world
     response = scenes.teacher_response(sample)
     fake, calls = fake_generation(tokenizer, [response])
-    monkeypatch.setattr(sampling, "generate_from_inputs", fake)
+    monkeypatch.setattr(sampling, "sample", fake)
     predict_cli.main(["--model_path", str(model_dir), "--image", image, "--question", "How many shapes?"])
     assert len(calls) == 1 and calls[0].shape[0] == 1
     assert processing.DECOUPLED_INSTRUCTION in tokenizer.decode(calls[0][0])
@@ -85,7 +85,7 @@ def test_predict_uses_the_prompt_the_model_dir_records(predict_world, tmp_path, 
     model_dir = export.export_model_dir(config, params, tokenizer, image_config, tmp_path / "plain", prompt="plain")
     assert export.saved_prompt(model_dir) == "plain"
     fake, calls = fake_generation(tokenizer, [f"<think>I count.</think> \\boxed{{{sample.answer}}}"])
-    monkeypatch.setattr(sampling, "generate_from_inputs", fake)
+    monkeypatch.setattr(sampling, "sample", fake)
     prediction = predict_cli.main(["--model_path", model_dir, "--image", image, "--question", sample.question,
                                    "--mode", "plain"])
     prompt = tokenizer.decode(calls[0][0])

@@ -1,5 +1,6 @@
-"""Rollout engine: greedy parity with HF generate, log-probs, sampling distribution, EOS, compiles,
-input checks."""
+"""Rollout engines: greedy parity with HF generate, log-probs, sampling distribution, EOS, compiles,
+input checks. `sampling.generate` runs the continuous engine (its default) unless a test names
+the static one; tests/test_sampling_continuous.py checks what is particular to slots."""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from vlcal_jax import models, sampling
 
 GRIDS = [(1, 4, 6), (1, 8, 4), (1, 2, 2), (1, 4, 4)]
 ROWS = [[0], [1, 2], [], [3]]
+SPECIAL = (H.IMAGE_TOKEN, H.VIDEO_TOKEN, H.VISION_START, H.VISION_END)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def _teacher_forced_logprobs(config, params, ids, mask, pv, grid, out, n):
     ids_p, mask_p = np.repeat(ids_p, n, axis=0), np.repeat(mask_p, n, axis=0)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     resp_mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
-    full_ids = np.concatenate([ids_p, tokens], axis=1)
+    # the image / vision ids stop a row (SPECIAL): as its last token never an input of the logits compared
+    full_ids = np.concatenate([ids_p, np.where(np.isin(tokens, SPECIAL), 0, tokens)], axis=1)
     full_mask = np.concatenate([mask_p, resp_mask.astype(mask_p.dtype)], axis=1)
     # images repeat with their prompts (rows of one prompt are adjacent)
     per_row = [[i for i in r] for r in ROWS]
@@ -64,7 +67,7 @@ def test_reported_logprobs_equal_teacher_forced_forward(tiny):
     _, config, params, (ids, mask, pv, grid) = tiny
     n = 2
     out = sampling.generate(config, params, ids, mask, pv, grid, max_new_tokens=12, temperature=1.0, n=n,
-                            rng=jax.random.key(3), eos_token_ids=(5, 7, 9))
+                            rng=jax.random.key(3), eos_token_ids=(5, 7, 9) + SPECIAL)
     lp, resp = _teacher_forced_logprobs(config, params, ids, mask, pv, grid, out, n)
     np.testing.assert_allclose(np.asarray(out.policy_logprobs)[resp], lp[resp], atol=1e-4)
     # at temperature 1 and top_p 1 the sampling distribution is the policy
@@ -132,13 +135,15 @@ def test_eos_stops_rows_pads_after_and_unstopped_rows_run_to_the_cap(tiny):
     assert any(s is None for s in first.values()), "test needs one row that never stops"
 
 
-def test_same_buckets_compile_nothing_new(tiny):
+@pytest.mark.parametrize("engine, programs", [("static", 1), ("continuous", 2)])
+def test_same_buckets_compile_nothing_new(tiny, engine, programs):
+    """The static engine is one program; the continuous one a prefill and a decode segment."""
     _, config, params, (ids, mask, pv, grid) = tiny
-    kwargs = dict(max_new_tokens=4, temperature=1.0, n=2, rng=jax.random.key(4))  # no other test's settings
+    kwargs = dict(max_new_tokens=4, temperature=1.0, n=2, rng=jax.random.key(4), engine=engine)  # no other test's
     start = sampling.compile_count()
     sampling.generate(config, params, ids, mask, pv, grid, **kwargs)
     before = sampling.compile_count()
-    assert before == start + 1, "a new program must be counted"
+    assert before == start + programs, "new programs must be counted"
     # other image sizes with the same patch bucket, shorter prompts in the same length bucket
     batch = H.make_batch(np.random.default_rng(13), [(1, 6, 4), (1, 4, 6), (1, 2, 2), (1, 4, 4)], ROWS,
                          patch_dim=config.vision.patch_dim)

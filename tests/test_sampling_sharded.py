@@ -5,10 +5,12 @@ The test runs this file as a script in a subprocess (the device count is fixed w
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/test_sampling_sharded.py
 
 Params placed by `parallel.shard_params` on meshes (data, fsdp, tensor) = 2x2x2 and 1x8x1, prompts
-split over (data, fsdp) by `generate(..., mesh=mesh)`: greedy and temperature-1 tokens equal
-the one-device run's and log-probs agree to 1e-5 (output placement is left to XLA). On 1x8x1
-also 3 prompts (6 sample rows), which the sampler pads to 8 rows to split its KV cache. The
-last stdout line is a JSON summary.
+split over (data, fsdp) by `generate(..., mesh=mesh)`: the continuous engine's greedy and
+temperature-1 tokens (and on 2x2x2 the static engine's) equal the one-device static engine's and
+log-probs agree to 1e-5 (output placement is left to XLA). On 1x8x1 also 3 prompts (6 sample
+rows), which the engines pad to 8 rows and slots to split their KV caches; and no collective of
+the compiled decode segment moves a KV cache (each chip's slots take only its own prompts, whose
+KV it prefilled). The last stdout line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import subprocess
 import sys
 
 MESHES = ((2, 2, 2), (1, 8, 1))
-PROMPTS, N, NEW = 8, 2, 12
+PROMPTS, N, NEW, SLOTS = 8, 2, 12, 8  # 16 rows through 8 slots (1 per chip on 1x8x1)
 GRIDS = ((1, 4, 4), (1, 4, 6), (1, 2, 4), (1, 6, 4), (1, 2, 2), (1, 4, 4), (1, 2, 6))
 ROWS = ([0], [1], [], [2, 3], [4], [], [5], [6])
 FEW = 3  # prompts ROWS[:3], images GRIDS[:2]: rows that do not divide the batch shards
@@ -32,7 +34,8 @@ def test_sharded_generate_equals_one_device():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(report) == {"x".join(map(str, m)) for m in MESHES} | {"1x8x1/3prompts"}, report
+    assert set(report) == {"x".join(map(str, m)) for m in MESHES} | {"1x8x1/3prompts", "2x2x2/static"}, report
+    assert report["1x8x1"]["cache_collectives"] == [], report["1x8x1"]
 
 
 def _params(config, seed=0):
@@ -80,22 +83,28 @@ def main():
     batches = {"all": H.make_batch(np.random.default_rng(1), GRIDS, ROWS, patch_dim=config.vision.patch_dim),
                "few": H.make_batch(np.random.default_rng(2), GRIDS[:2], ROWS[:FEW], patch_dim=config.vision.patch_dim)}
     runs = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0, rng=jax.random.key(7))}
+    eos = (5, 7, 9, 11)  # rows end at different steps and slots are refilled
 
-    def generate(p, mesh=None, batch="all"):
-        return {name: sampling.generate(config, p, *batches[batch], max_new_tokens=NEW, n=N, mesh=mesh, **kw)
-                for name, kw in runs.items()}
+    def generate(p, mesh=None, batch="all", engine="continuous", names=tuple(runs)):
+        return {name: sampling.generate(config, p, *batches[batch], max_new_tokens=NEW, n=N, mesh=mesh,
+                                        eos_token_ids=eos, engine=engine, slots=SLOTS, **runs[name])
+                for name in names}
 
     one = jax.device_put(params, jax.devices()[0])
-    refs = {"all": generate(one), "few": generate(one, batch="few")}
+    refs = {"all": generate(one, engine="static"), "few": generate(one, batch="few", engine="static")}
     assert len(set(np.asarray(refs["all"]["greedy"].tokens).ravel().tolist())) > 4, "degenerate greedy reference"
+    assert len(set(np.asarray(refs["all"]["sampled"].lengths).tolist())) > 2, "rows should end at different steps"
     report = {}
-    for shape, batch in [(m, "all") for m in MESHES] + [((1, 8, 1), "few")]:
-        name = "x".join(map(str, shape)) + ("/3prompts" if batch == "few" else "")
+    cases = [(m, "all", "continuous") for m in MESHES] + [((1, 8, 1), "few", "continuous"),
+                                                         ((2, 2, 2), "all", "static")]
+    for shape, batch, engine in cases:
+        name = "x".join(map(str, shape)) + ("/3prompts" if batch == "few" else "") + \
+            ("/static" if engine == "static" else "")
         mesh = parallel.make_mesh(*shape)
         sharded = parallel.shard_params(params, mesh)
         q = sharded["text"]["layers"]["attn"]["q_proj"]["kernel"]
         assert q.sharding.spec != P(None, None, None), (name, q.sharding)
-        out = generate(sharded, mesh, batch)
+        out = generate(sharded, mesh, batch, engine, names=("sampled",) if engine == "static" else tuple(runs))
         errors = {}
         for run, ours in out.items():
             theirs = refs[batch][run]
@@ -107,8 +116,30 @@ def main():
                 errors[f"{run}_{field}"] = diff
                 assert diff <= 1e-5, f"{name} {run}: {field} differ by {diff:.2e}"
         report[name] = errors
+        if name == "1x8x1":
+            errors["cache_collectives"] = cache_collectives(config, sharded, mesh, batches[batch])
         print(name, errors, flush=True)
     print(json.dumps(report))
+
+
+def cache_collectives(config, params, mesh, batch):
+    """Collectives of the compiled decode segment whose result is shaped like a slot's or a
+    prompt's KV cache ([..., Tp + M, hd] or [..., Tp, hd]); on one batch-split mesh there are none."""
+    import jax
+
+    from test_fsdp_sharding import collectives
+    from vlcal_jax import models, sampling
+    from vlcal_jax.sampling import continuous
+
+    ids, mask = sampling.engine.left_pad(batch[0], batch[1], sampling.engine.bucket_length(batch[0].shape[1]), 0)
+    inputs = sampling.shard_inputs(models.prepare_inputs(config, ids, mask, *batch[2:]), mesh)
+    static = dict(max_new_tokens=NEW, n=N, greedy=False, top_k=0, eos_token_ids=(5,), pad_token_id=0, use_top_p=False)
+    with jax.set_mesh(mesh):
+        state = continuous.prefill(config, params, inputs, jax.random.key(0), 1.0, 1.0, slots=SLOTS, **static)
+        hlo = continuous.segment.lower(config, params, *state, 1.0, 1.0, steps=4,
+                                       real_rows=ids.shape[0] * N, **static).compile().as_text()
+    cache = {(ids.shape[1] + NEW, config.text.head_dim), (ids.shape[1], config.text.head_dim)}
+    return [line for _, shape, line in collectives(hlo, mesh.size) if len(shape) >= 3 and shape[-2:] in cache]
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def tiny_config(workdir):
 def run(tmp_path_factory):
     """The run's outputs and what its one rl_iteration built (host copies)."""
     seen = {"inside": False}
-    real = {"rl_iteration": loop.rl_iteration, "generate": sampling.generate_from_inputs, "score": step.score,
+    real = {"rl_iteration": loop.rl_iteration, "generate": sampling.sample, "score": step.score,
             "score_rewards": rollout.score_rewards, "make_train_step": step.make_train_step}
 
     def rl_iteration(ctx, state, ref_params, examples, rng):
@@ -105,7 +105,7 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("integration") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "rl_iteration", rl_iteration)
-        mp.setattr(sampling, "generate_from_inputs", generate)
+        mp.setattr(sampling, "sample", generate)
         mp.setattr(step, "score", score)
         mp.setattr(rollout, "score_rewards", score_rewards)
         mp.setattr(step, "make_train_step", make_train_step)

@@ -136,6 +136,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.offload_pixels = False
     # prompts per sampler call (divides prompts_per_step); 0: all prompts of the step in one call
     c.rl.rollout_batch_size = 0
+    # the sampler: "continuous" (decode slots handed to the next waiting response as soon as a row
+    # ends: a long-tailed batch decodes its rows, not padding behind its longest one) or "static"
+    # (every row of a call decodes until the call's last one ends); both give the same responses
+    c.rl.rollout_engine = "continuous"
+    # decode slots of the continuous engine per sampler call (its KV cache holds this many rows of
+    # prompt + max_new_tokens, besides the call's prompts; padded to a multiple of the mesh's batch
+    # shards). 0: one per row of the call (rollout prompts x samples_per_prompt), the static
+    # engine's memory and schedule. For long-tailed responses give a call more rows than slots:
+    # raise rl.rollout_batch_size and set decode_slots to the rows the memory holds (README,
+    # "Sampling memory"; benchmarks/bench_rollout.py measures ~3x at equal KV memory)
+    c.rl.decode_slots = 0
     c.rl.vce_kind = "blackout"
     c.rl.vce_prob = 0.8
     c.rl.vce_k = 1
@@ -150,6 +161,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     c.eval.temperature = 0.6
     c.eval.top_p = 0.95
+    c.eval.engine = "continuous"  # the evaluator's sampler (see rl.rollout_engine)
+    c.eval.decode_slots = 0  # 0: one per row of a batch (eval.batch_size)
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))
     # Locked: a mistyped field (c.rl.stepz = 3 in an experiment, --config.rl.stepz=3) is an error,

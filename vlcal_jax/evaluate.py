@@ -72,6 +72,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", default="continuous", choices=("continuous", "static"),
+                        help="sampler: decode slots refilled as rows end, or every row to the batch's last")
+    parser.add_argument("--decode_slots", type=int, default=0,
+                        help="continuous engine: decode slots per batch (0: one per row, --batch_size)")
     parser.add_argument("--dtype", default="auto",
                         help="parameter dtype: auto (float32 on CPU, bfloat16 on TPU/GPU), float32, bfloat16")
     parser.add_argument("--min_pixels", type=int, default=None,
@@ -98,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> evaluation.EvalResult:
         image_config = dataclasses.replace(image_config, **overrides)
     result = evaluation.evaluate(config, params, tokenizer, image_config, examples, mode=args.mode, prompt=prompt,
                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                 engine=args.engine, slots=args.decode_slots)
     result.settings.update(model_path=os.path.abspath(args.model_path), benchmark=args.benchmark,
                            data_dir=os.path.abspath(args.data_dir), split=args.split, limit=args.limit,
                            min_pixels=image_config.min_pixels, max_pixels=image_config.max_pixels)

@@ -107,16 +107,20 @@ def _progress(total: int, desc: str):
 def generate_responses(config, params, tokenizer, image_config, examples: Sequence, *, mode: str = "decoupled",
                        prompt: str | None = None, batch_size: int = 8,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.6, top_p: float = 0.95,
-                       seed: int = 0, length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS) -> list[Generation]:
+                       seed: int = 0, length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+                       engine: str = "continuous", slots: int = 0) -> list[Generation]:
     """One response per example, in example order (see the module docstring for batching).
 
     `mode` is the response format (rl.format.MODES); `prompt` names the instruction the
-    model was trained with (a key of processing.INSTRUCTIONS, default: `mode`).
+    model was trained with (a key of processing.INSTRUCTIONS, default: `mode`). `engine` and
+    `slots`: the sampler (sampling.sample; slots per batch, 0: sampling.default_slots).
 
     Batch k samples with `jax.random.fold_in(jax.random.key(seed), k)`, so a result depends
     only on the seed, the batch size and the example order.
     """
     check_settings(mode, prompt, batch_size, max_new_tokens, temperature, top_p)
+    if engine not in sampling.ENGINES or slots < 0:
+        raise ValueError(f"engine={engine!r}, slots={slots}: the engine is one of {sampling.ENGINES}, slots >= 0")
     examples = list(examples)
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -156,10 +160,10 @@ def generate_responses(config, params, tokenizer, image_config, examples: Sequen
             inputs = multihost.offset_image_index(inputs, config.image_token_id, config.vision.merge_unit)
             inputs = multihost.to_global(inputs, mesh, what="evaluation batch")
         with parallel.use_mesh(mesh):  # rows split over the mesh the params are on
-            sample = sampling.generate_from_inputs(
+            sample = sampling.sample(
                 config, params, inputs, jax.random.fold_in(key, index), jnp.float32(temperature or 1.0),
                 jnp.float32(top_p), max_new_tokens=int(max_new_tokens), n=1, greedy=temperature == 0, top_k=0,
-                eos_token_ids=eos, pad_token_id=int(pad), use_top_p=top_p < 1.0)
+                eos_token_ids=eos, pad_token_id=int(pad), use_top_p=top_p < 1.0, engine_name=engine, slots=slots)
         if pending is not None:
             collect(*pending)
         pending = (min(max(len(chunk) - p * share, 0), share), sample)
@@ -386,19 +390,20 @@ def evaluate(config, params, tokenizer, image_config, examples: Sequence, *, mod
              prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
              length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-             out_dir: str | os.PathLike | None = None) -> EvalResult:
+             out_dir: str | os.PathLike | None = None, engine: str = "continuous", slots: int = 0) -> EvalResult:
     """Generates one response per example, grades it and computes the metrics (module docstring).
 
     `mode`: the response format ("decoupled", "rlcr" or "plain"); `prompt`: the instruction
-    (processing.INSTRUCTIONS, default `mode`). With `out_dir`, also writes the files of
-    `EvalResult.save` there.
+    (processing.INSTRUCTIONS, default `mode`); `engine`, `slots`: the sampler (see
+    `generate_responses`). With `out_dir`, also writes the files of `EvalResult.save` there.
     """
     examples = list(examples)
     compiled = sampling.compile_count()
     started = time.perf_counter()
     generations = generate_responses(config, params, tokenizer, image_config, examples, mode=mode,
                                      prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, seed=seed, length_buckets=length_buckets)
+                                     temperature=temperature, top_p=top_p, seed=seed, length_buckets=length_buckets,
+                                     engine=engine, slots=slots)
     seconds = time.perf_counter() - started
     if multihost.multiprocess():  # each process grades every count-th response; the records are gathered
         count, p = jax.process_count(), jax.process_index()
@@ -411,6 +416,7 @@ def evaluate(config, params, tokenizer, image_config, examples: Sequence, *, mod
     total_tokens = int(sum(g.num_tokens for g in generations))
     settings = {"mode": mode, "prompt": prompt or mode, "n_examples": len(examples), "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "engine": engine, "decode_slots": slots,
                 "n_bins": N_BINS, "ece_convention": "paper", "missing_confidence_as": 0.0,
                 "generation_seconds": round(seconds, 3), "generated_tokens": total_tokens,
                 "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),

@@ -72,16 +72,19 @@ def _time(flops: float, bytes_: float, chip: Chip, chips: int) -> float:
 
 def sampler(config: ModelConfig, chip: Chip, chips: int, *, prompts: int, samples: int, prompt_len: int,
             new_tokens: int, images: int, patches: int, weight_bytes: float, text_weight_bytes: float,
-            kv_bytes_per_chip: float) -> Cost:
-    """Prefill of `prompts` prompts, then `new_tokens - 1` decode steps of prompts x samples rows
-    (every row runs to the end: the worst case the program is sized for). Each decode step
-    reads the gathered text weights and this chip's whole KV cache (it attends over the padded
-    cache under a mask)."""
+            kv_bytes_per_chip: float, decode_rows: int = 0) -> Cost:
+    """Prefill of `prompts` prompts, then the decode steps of prompts x samples rows, every row
+    running to the end (the worst case the programs are sized for): `new_tokens - 1` steps of
+    all rows (the static engine), or of `decode_rows` slots taking the rows in turn (the
+    continuous engine: ceil(rows / slots) times as many steps, each over fewer rows). Each decode
+    step reads the gathered text weights and this chip's decoded KV cache `kv_bytes_per_chip`
+    (it attends over the padded cache under a mask)."""
     rows = prompts * samples
     prefill = forward_flops(config, prompts, prompt_len, images, patches, head_tokens=prompts)
-    steps = new_tokens - 1
+    per_step = min(decode_rows or rows, rows)
+    steps = (new_tokens - 1) * -(-rows // per_step)
     mean_context = prompt_len + new_tokens / 2
-    decode = steps * rows * (text_token_flops(config, mean_context) + head_token_flops(config))
+    decode = steps * per_step * (text_token_flops(config, mean_context) + head_token_flops(config))
     time = _time(prefill, weight_bytes, chip, chips) + steps * _time(
         decode / max(steps, 1), text_weight_bytes + kv_bytes_per_chip, chip, chips)
     return Cost(prefill + decode, prefill + decode, weight_bytes + steps * (text_weight_bytes + kv_bytes_per_chip),

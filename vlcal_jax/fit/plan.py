@@ -102,6 +102,7 @@ def sizes(config: ml_collections.ConfigDict, model_config: model_config_lib.Mode
                   images_per_prompt=config.data.max_images_per_prompt,
                   patches=patches_per_image(config, model_config),
                   rollout_batch=r.get("rollout_batch_size", 0) or r.prompts_per_step,
-                  micro_batch=r.get("micro_batch_size", 0) or rows)
+                  micro_batch=r.get("micro_batch_size", 0) or rows, engine=r.get("rollout_engine", "continuous"),
+                  decode_slots=r.get("decode_slots", 0))
     found.check()
     return found

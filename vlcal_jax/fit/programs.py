@@ -5,7 +5,9 @@ the shardings the run gives them (parameters by `parallel.param_shardings`, opti
 like their parameters, the update's rows over ("data", "fsdp") by `rl.step.batch_shardings`;
 the sampler's and scoring's inputs are host arrays in the run, so XLA lays them out here too),
 and each program is the function the run calls with the static arguments it passes:
-    sampler  sampling.generate_from_inputs on one rollout chunk (rl_iteration's call)
+    sampler  the sampler on one rollout chunk (rl_iteration's call): the static engine's one
+             program (sampling.generate_from_inputs), or the continuous engine's prefill and
+             decode segment (sampling.continuous), reported as the one with more live bytes
     score    rl.step.score on one micro-batch of responses
     update   the train step make_train_step compiles, over the whole batch in micro-batches
 """
@@ -25,13 +27,16 @@ from vlcal_jax import models, parallel, sampling
 from vlcal_jax.models import vision
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.rl import step
+from vlcal_jax.sampling import continuous
 
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """One RL step's shapes: `prompts` x `samples` responses of `response_len` tokens after
     prompts padded to `prompt_len`; `images_per_prompt` images of `patches` patches each;
-    generate runs on `rollout_batch` prompts at a time, score and update on `micro_batch` rows."""
+    generate runs on `rollout_batch` prompts at a time with sampling engine `engine`
+    (rl.rollout_engine; continuous: `decode_slots` slots, 0 = sampling.default_slots), score and
+    update on `micro_batch` rows."""
 
     prompts: int
     samples: int
@@ -41,10 +46,19 @@ class Sizes:
     patches: int
     rollout_batch: int
     micro_batch: int
+    engine: str = "static"
+    decode_slots: int = 0
 
     @property
     def rows(self) -> int:
         return self.prompts * self.samples
+
+    @property
+    def slots(self) -> int:
+        """Decode rows of one sampler call: the continuous engine's slots, the static engine's rows."""
+        if self.engine == "static":
+            return self.rollout_batch * self.samples
+        return self.decode_slots or sampling.default_slots(self.rollout_batch * self.samples)
 
     @property
     def rollout_chunks(self) -> int:
@@ -172,16 +186,20 @@ class Setup:
         inputs = self.inputs(rows, length, images, patches)
         return _sharded(inputs, step.batch_shardings(inputs, self.mesh)) if self.shard_inputs else inputs
 
-    def kv_cache_bytes(self, sizes: Sizes) -> int:
-        """This chip's KV cache in one generate call: [L, rows, KV, Tp + M, hd] keys and values in
-        the compute dtype, the rows (padded to a multiple of the batch shards, as the sampler pads
-        them) over the batch axes and the KV heads over "tensor" where they divide."""
+    def kv_cache_bytes(self, sizes: Sizes, decoded_only: bool = False) -> int:
+        """This chip's KV cache in one sampler call, keys and values in the compute dtype, rows
+        (padded to a multiple of the batch shards, as the engines pad them) over the batch axes and
+        KV heads over "tensor" where they divide: the static engine's [L, rows, KV, Tp + M, hd];
+        the continuous engine's slots [L, S, KV, Tp + M, hd] and, unless `decoded_only` (what a
+        decode step reads), the prompts' prefilled [L, B, KV, Tp, hd]."""
         t = self.config.text
-        rows = -(-sizes.rollout_batch * sizes.samples // self.batch_shards)
         tensor = self.mesh.shape["tensor"]
         heads = t.num_key_value_heads // tensor if t.num_key_value_heads % tensor == 0 else t.num_key_value_heads
-        return (2 * t.num_hidden_layers * rows * heads * (sizes.prompt_len + sizes.response_len) * t.head_dim
-                * self.config.compute_dtype.itemsize)
+        per_chip = lambda count: -(-count // self.batch_shards)  # noqa: E731
+        tokens = per_chip(sizes.slots) * (sizes.prompt_len + sizes.response_len)
+        if sizes.engine == "continuous" and not decoded_only:
+            tokens += per_chip(sizes.rollout_batch) * sizes.prompt_len
+        return 2 * t.num_hidden_layers * tokens * heads * t.head_dim * self.config.compute_dtype.itemsize
 
 
 def _compile(name: str, mesh, lowered_fn, batch_bytes: int = 0) -> Compiled:
@@ -214,10 +232,30 @@ def sampler(setup: Setup, sizes: Sizes) -> Compiled:
     prompts = sizes.rollout_batch
     inputs = setup.program_inputs(prompts, sizes.prompt_len, prompts * sizes.images_per_prompt, sizes.patches)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.replicated)
-    return _compile("sampler", setup.mesh, lambda: sampling.generate_from_inputs.lower(
-        setup.config, setup.policy, inputs, setup.rng, scalar, scalar, max_new_tokens=sizes.response_len,
-        n=sizes.samples, greedy=False, top_k=0, eos_token_ids=setup.eos_token_ids, pad_token_id=setup.pad_token_id,
-        use_top_p=False))
+    static = dict(max_new_tokens=sizes.response_len, n=sizes.samples, greedy=False, top_k=0,
+                  eos_token_ids=setup.eos_token_ids, pad_token_id=setup.pad_token_id, use_top_p=False)
+    if sizes.engine == "static":
+        return _compile("sampler", setup.mesh, lambda: sampling.generate_from_inputs.lower(
+            setup.config, setup.policy, inputs, setup.rng, scalar, scalar, **static))
+    lowered = {}
+
+    def prefill():
+        lowered["prefill"] = continuous.prefill.lower(setup.config, setup.policy, inputs, setup.rng, scalar, scalar,
+                                                      slots=sizes.slots, **static)
+        return lowered["prefill"]
+
+    first = _compile("sampler (prefill)", setup.mesh, prefill)
+    if not first.ok:
+        return first
+    # the segment's arguments: what prefill returns, laid out as XLA placed them
+    compiled = lowered["prefill"].compile()
+    state = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+                         lowered["prefill"].out_info, compiled.output_shardings)
+    bound = continuous.schedule_steps(prompts, sizes.slots, sizes.samples, sizes.response_len, setup.batch_shards)
+    second = _compile("sampler (decode segment)", setup.mesh, lambda: continuous.segment.lower(
+        setup.config, setup.policy, *state, scalar, scalar,
+        steps=min(continuous.DEFAULT_SEGMENT_STEPS, bound), real_rows=prompts * sizes.samples, **static))
+    return second if not second.ok or second.live_bytes >= first.live_bytes else first
 
 
 def _response_inputs(setup: Setup, sizes: Sizes, rows: int) -> models.ModelInputs:

@@ -29,7 +29,8 @@ def header(tpu: Slice, setup: Setup, source: str, param_dtype: str, sizes: Sizes
         f"step: {sizes.prompts} prompts x {sizes.samples} samples = {sizes.rows} responses of {sizes.prompt_len} prompt"
         f" + {sizes.response_len} response tokens, {sizes.images_per_prompt} image(s) of {sizes.patches} patches"
         f" per prompt",
-        f"sizes: rl.rollout_batch_size={sizes.rollout_batch} ({sizes.rollout_chunks} generate calls), "
+        f"sizes: rl.rollout_batch_size={sizes.rollout_batch} ({sizes.rollout_chunks} generate calls, {sizes.engine} "
+        f"engine{f', {sizes.slots} decode slots' if sizes.engine == 'continuous' else ''}), "
         f"rl.micro_batch_size={sizes.micro_batch} ({sizes.micro_batches} micro-batches)",
     ]
     return "\n".join(lines)
@@ -67,7 +68,8 @@ def step_costs(setup: Setup, sizes: Sizes, tpu: Slice) -> dict[str, tuple[int, c
     sampler = costs.sampler(c, chip, chips, prompts=sizes.rollout_batch, samples=sizes.samples,
                             prompt_len=sizes.prompt_len, new_tokens=sizes.response_len,
                             images=sizes.rollout_batch * images, patches=sizes.patches, weight_bytes=weights,
-                            text_weight_bytes=text_weights, kv_bytes_per_chip=setup.kv_cache_bytes(sizes))
+                            text_weight_bytes=text_weights,
+                            kv_bytes_per_chip=setup.kv_cache_bytes(sizes, decoded_only=True), decode_rows=sizes.slots)
     micro_images = sizes.images(sizes.micro_batch)
     length = sizes.prompt_len + sizes.response_len
     score = costs.score(c, chip, chips, rows=sizes.micro_batch, samples=sizes.samples, length=length,

@@ -19,11 +19,13 @@ from vlcal_jax.models.config import ModelConfig, TextConfig
 
 
 class KVCache(NamedTuple):
-    """Static-shape cache: k/v [L, B, KV, S, head_dim], valid [B, S] bool (keys that exist)."""
+    """Static-shape cache: k/v [L, B, KV, S, head_dim] ("head" layout) or [L, B, S, KV, head_dim]
+    ("token"), valid [B, S] bool (keys that exist)."""
 
     k: jax.Array
     v: jax.Array
     valid: jax.Array
+    layout: str = "head"
 
 
 def mrope_axis(config: TextConfig) -> np.ndarray:
@@ -46,16 +48,20 @@ def mrope_cos_sin(position_ids, config: TextConfig):
 
 
 def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_index=None, layer=None, *,
-                  attention_impl: str = "xla"):
+                  attention_impl: str = "xla", kv_layout: str = "head"):
     """One layer. x [B, T, D]; key_valid bool [B, S] (False: a padding key, or a cache slot not yet written).
 
     Without `kv`: causal self-attention over this call's own tokens (S == T); returns
     (x, (k, v)) with k/v head-major [B, KV, T, hd].
-    With `kv=(k_stack, v_stack)`, the whole stacked cache [L, B, KV, S, hd], and scalars `layer`
-    and `write_index`: this call's k/v are written at [layer, :, :, write_index], attention runs
-    over layer `layer`'s cache, and the updated stacks are returned, so a decode step writes T
-    positions of the cache instead of copying every layer's cache in and out of the layer scan.
-    Every valid key is visible to every query of the call (decoding calls it with T = 1).
+    With `kv=(k_stack, v_stack)`, the whole stacked cache [L, B, KV, S, hd], and a scalar `layer`:
+    this call's k/v are written at [layer, :, :, write_index], attention runs over layer
+    `layer`'s cache, and the updated stacks are returned, so a decode step writes T positions of
+    the cache instead of copying every layer's cache in and out of the layer scan. With
+    `layer=None`, `kv` is this layer's own cache [B, KV, S, hd] (the unrolled decode loop).
+    `write_index` is a scalar (every row writes at the same position) or, for T = 1, int [B]
+    (row b writes at its own position: the continuous engine's slots). `kv_layout="token"`: the
+    cache is [.., B, S, KV, hd] (`write_cache`). Every valid key is visible to every query of the
+    call (decoding calls it with T = 1).
     """
     batch, length, _ = x.shape
     hd = config.head_dim
@@ -71,12 +77,10 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
     k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if kv is not None:
-        start = (layer, 0, 0, write_index, 0)
-        k_stack = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), start)
-        v_stack = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), start)
-        k_all = jax.lax.dynamic_index_in_dim(k_stack, layer, keepdims=False).astype(q.dtype)
-        v_all = jax.lax.dynamic_index_in_dim(v_stack, layer, keepdims=False).astype(q.dtype)
-        new_kv = (k_stack, v_stack)
+        token_major = kv_layout == "token"
+        new_kv = tuple(write_cache(c, x, layer, write_index, token_major) for c, x in zip(kv, (k, v)))
+        k_all, v_all = (c if layer is None else jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in new_kv)
+        k_all, v_all = ((c.swapaxes(1, 2) if token_major else c).astype(q.dtype) for c in (k_all, v_all))
         out = attention.attention(q, k_all, v_all, hd**-0.5, key_valid, causal=False, impl=attention_impl)
     else:
         new_kv = (k, v)
@@ -93,6 +97,28 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
         inner = layers.activation(config.hidden_act)(gate) * up
     h = layers.linear(inner, mlp["down_proj"]["kernel"])
     return x + h, new_kv
+
+
+def write_cache(cache, new, layer, write_index, token_major: bool = False):
+    """`new` [B, KV, T, hd] written into `cache` ([L, B, KV, S, hd] at layer `layer`, or one
+    layer's [B, KV, S, hd] when `layer` is None; [.., B, S, KV, hd] when `token_major`) at
+    position `write_index`: a scalar (one dynamic_update_slice) or int [B] with T = 1 (a scatter,
+    one position per row).
+
+    Token-major is how TPU lays a decode cache out (one token's [KV, hd] is one tile, so a step
+    writes whole tiles); a cache that crosses programs (the continuous engine's slots) is kept in
+    it, since an argument in another layout is copied into it at every call."""
+    new = new.astype(cache.dtype)
+    if token_major:
+        new = new.swapaxes(1, 2)  # [B, T, KV, hd]
+    lead = () if layer is None else (layer,)
+    if jnp.ndim(write_index) == 0:
+        start = (0, write_index, 0, 0) if token_major else (0, 0, write_index, 0)
+        return jax.lax.dynamic_update_slice(cache, new if layer is None else new[None], lead + start)
+    rows = jnp.arange(new.shape[0])
+    if token_major:
+        return cache.at[lead + (rows, write_index)].set(new[:, 0], unique_indices=True)
+    return cache.at[lead + (rows, slice(None), write_index)].set(new[:, :, 0], unique_indices=True)
 
 
 def embed_tokens(config: ModelConfig, params, input_ids, image_index=None, image_embeds=None):
@@ -115,10 +141,24 @@ def lm_head_kernel(config: ModelConfig, params):
     return params["lm_head"]["kernel"]
 
 
+def unstack_layers(params):
+    """`params` with the stacked per-layer text weights [L, ...] split into a tuple of L layer dicts,
+    for the unrolled decode loop of `decoder` (a cache of per-layer arrays). Inside a decode
+    loop, a layer scan slices each layer's weights and cache out of the stacks every step, and
+    XLA:CPU copies those slices before its matmuls read them (the whole model's weights and
+    cache once more per token); split once before the loop, the matmuls read them in place."""
+    stacked = params["text"]["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    split = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count))
+    return {**params, "text": {**params["text"], "layers": split}}
+
+
 def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=None, deepstack=None,
             cache: KVCache | None = None, write_index=None, return_kv: bool = False):
     """Runs all layers (scan) and the final norm. x [B, T, D] -> (hidden [B, T, D], kv or None);
     key_valid bool [B, S]: the attention mask of the tokens (S == T), or of the cache.
+    Decoding with `cache`: k/v stacked [L, B, KV, S, hd] (a layer scan), or tuples of L
+    per-layer arrays [B, KV, S, hd] with params from `unstack_layers` (layers unrolled).
 
     DeepStack: after layer i < n_ds, deepstack[i] is added at the image positions
     (`image_slots` = (is_image [B, T], index [B, T]) from `embed_tokens`).
@@ -135,13 +175,24 @@ def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=
         extra = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
         return h + jnp.where(is_image[..., None] & (i < n_ds), extra.astype(h.dtype)[index], 0)
 
+    if cache is not None and isinstance(cache.k, (tuple, list)):  # decoding, layers unrolled (`unstack_layers`)
+        if n_ds:
+            raise ValueError("the unrolled decode loop takes no DeepStack features (decoded tokens are text)")
+        k_out, v_out = [], []
+        for p, k, v in zip(params["text"]["layers"], cache.k, cache.v):
+            x, (k, v) = decoder_layer(tc, p, x, cos, sin, key_valid, (k, v), write_index,
+                                      attention_impl=config.attention_impl, kv_layout=cache.layout)
+            k_out.append(k)
+            v_out.append(v)
+        return layers.rms_norm(x, params["text"]["norm"], tc.rms_norm_eps), (tuple(k_out), tuple(v_out))
+
     layer_ids = jnp.arange(tc.num_hidden_layers)
     if cache is not None:  # decoding: the stacked cache rides in the carry, updated in place
         def cached_body(carry, xs):
             h, k_stack, v_stack = carry
             p, i = xs
             h, (k_stack, v_stack) = decoder_layer(tc, p, h, cos, sin, key_valid, (k_stack, v_stack), write_index, layer=i,
-                                                     attention_impl=config.attention_impl)
+                                                     attention_impl=config.attention_impl, kv_layout=cache.layout)
             return (add_deepstack(h, i), k_stack, v_stack), None
 
         (x, k_out, v_out), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (params["text"]["layers"], layer_ids))

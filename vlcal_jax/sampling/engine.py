@@ -1,4 +1,5 @@
-"""Jitted multimodal KV-cache sampler: one prefill per prompt, n samples, `lax.while_loop` decode.
+"""The static engine: one prefill per prompt, n samples, `lax.while_loop` decode of every row
+until the batch's last one ends (sampling.continuous refills finished rows instead).
 
 KV cache memory (per generate call, compute dtype bytes `s`):
     2 * num_layers * (B * n) * (T_prompt + max_new_tokens) * num_kv_heads * head_dim * s
@@ -11,7 +12,6 @@ num_kv_heads divides it, 1 / tensor of the heads.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import NamedTuple
 
 import jax
@@ -19,15 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlcal_jax import parallel
-from vlcal_jax.models import qwen3_vl, text
+from vlcal_jax.models import qwen3_vl
 from vlcal_jax.models.config import ModelConfig
-
-log = logging.getLogger(__name__)
+from vlcal_jax.sampling import choose, decode
 
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
-# Programs traced by `generate_from_inputs`: its Python body runs only when jit traces a new
-# signature (each completed trace is one compiled program); counting there needs no private jit state.
+# Programs traced by the engines (`count_trace`): a jitted function's Python body runs only when
+# jit traces a new signature (each completed trace is one compiled program); counting there needs
+# no private jit state.
 _programs_traced = 0
 
 
@@ -44,64 +44,11 @@ class SampleOutput(NamedTuple):
     finished: jax.Array
 
 
-def nucleus_threshold(probs, top_p, iterations: int = 32):
-    """Per-row probability threshold of the top-p nucleus, by bisection (no vocabulary sort).
-
-    Token i is in the nucleus when the mass of strictly more probable tokens is < top_p; the
-    returned tau [..., 1] keeps exactly `probs >= tau` (up to 2**-iterations * max prob).
-    """
-    def mass_above(t):
-        return jnp.sum(jnp.where(probs > t, probs, 0.0), axis=-1, keepdims=True)
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        inside = mass_above(mid) < top_p  # mid is at or above the boundary
-        return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
-
-    hi = jnp.max(probs, axis=-1, keepdims=True)
-    lo = jnp.zeros_like(hi)
-    _, hi = jax.lax.fori_loop(0, iterations, body, (lo, hi))
-    # the most probable token is always kept
-    return jnp.minimum(hi, jnp.max(probs, axis=-1, keepdims=True))
-
-
-def filter_logits(logits, temperature, top_k: int, top_p, use_top_p: bool = True):
-    """Scaled and filtered logits [..., V] (-inf outside the top-k / nucleus). The nucleus keeps
-    the tokens whose strictly-more-probable mass is below top_p (at least 1 token); exact ties
-    at the boundary are kept together. `use_top_p=False` (static) skips it when top_p == 1."""
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if not use_top_p:
-        return logits
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.where(probs >= nucleus_threshold(probs, top_p), logits, -jnp.inf)
-
-
-def sample_categorical(key, logits):
-    """One draw per row of softmax(logits [N, V]) by inverse CDF: one uniform per row instead
-    of V Gumbel variates (the bottleneck of `jax.random.categorical` on CPU)."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, cdf.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
-    token = jnp.sum(cdf < u, axis=-1)
-    return jnp.minimum(token, logits.shape[-1] - 1)
-
-
-def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p: bool):
-    """-> (token [N], sampling logprob [N], policy logprob [N]) from logits [N, V]."""
-    policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    if greedy:
-        token = jnp.argmax(logits, axis=-1)
-        sample_lp = jnp.zeros(token.shape, jnp.float32)
-    else:
-        filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
-        token = sample_categorical(key, filtered)
-        sample_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), token[:, None], axis=-1)[:, 0]
-    policy_lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
-    return token.astype(jnp.int32), sample_lp, policy_lp
+def count_trace() -> None:
+    """Called at the end of each engine program's Python body: one completed trace, i.e. one
+    program compiled (the line does not run when the compiled program does)."""
+    global _programs_traced
+    _programs_traced += 1
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "n", "greedy", "top_k", "eos_token_ids",
@@ -109,20 +56,19 @@ def _choose(logits, key, greedy: bool, temperature, top_k: int, top_p, use_top_p
 def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, rng, temperature, top_p, *,
                          max_new_tokens: int, n: int, greedy: bool, top_k: int, eos_token_ids: tuple[int, ...],
                          pad_token_id: int, use_top_p: bool = True) -> SampleOutput:
-    """The whole rollout as one compiled program (see `generate` for the arguments). Traced
-    under `parallel.use_mesh(mesh)`, its rows and KV cache are split over the mesh."""
+    """The static engine: the whole rollout as one compiled program (see `generate` for the
+    arguments). Every row decodes until the batch's last row ends. Traced under
+    `parallel.use_mesh(mesh)`, its rows and KV cache are split over the mesh."""
     qwen3_vl.check_inputs(config, inputs)
     batch, prompt_len = inputs.input_ids.shape
     real_rows = batch * n
     total = prompt_len + max_new_tokens
     # Prompts and sample rows are padded to a multiple of the batch shards (1 without a mesh), so
     # the prefill and the KV cache split over the batch axes whatever the prompt count; padding
-    # rows come last, are done from the start and are stripped from the outputs (the real rows'
-    # random draws are the leading ones of the same key: unchanged).
+    # rows come last and are done from the start (every row draws from its own key: they change
+    # no real row's draws), and are stripped from the outputs.
     shards = parallel.shards("batch")
-    hidden, kv = qwen3_vl.apply(config, params, pad_rows(inputs, -batch % shards), return_hidden=True,
-                                return_kv=True)
-    last_logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, -1])  # [B', V]
+    last_logits, kv = decode.prefill(config, params, pad_rows(inputs, -batch % shards))
     rows = real_rows + -real_rows % shards
 
     def per_row(x, axis=0):
@@ -132,40 +78,40 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
             return jnp.repeat(x, n, axis=axis)
         return jnp.take(x, jnp.minimum(jnp.arange(rows) // n, batch - 1), axis=axis)
 
-    cache_dtype = config.compute_dtype
+    unrolled = decode.unroll_layers()
     pad = [(0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0)]
     # [L, rows, KV, Tp + M, hd]: rows over the batch axes, KV heads over "tensor"
-    k, v = (parallel.constrain(jnp.pad(per_row(a.astype(cache_dtype), axis=1), pad), None, "batch", "tensor", None,
-                               None) for a in kv)
+    k, v = (decode.split_cache(decode.cache_spec(jnp.pad(per_row(a, axis=1), pad)), unrolled) for a in kv)
+    step_params = decode.decode_params(params, unrolled)
     valid = jnp.pad(per_row(inputs.attention_mask > 0), [(0, 0), (0, max_new_tokens)])
     next_position = per_row(inputs.next_position)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    keys = choose.sample_keys(rng, row_ids, n)
 
-    rng, key = jax.random.split(rng)
-    token, slp, plp = _choose(per_row(last_logits), key, greedy, temperature, top_k, top_p, use_top_p)
+    def pick(logits, t):
+        return choose.choose(logits, choose.token_keys(keys, jnp.full((rows,), t, jnp.int32)), greedy, temperature,
+                             top_k, top_p, use_top_p)
+
+    token, slp, plp = pick(per_row(last_logits), 0)
     tokens = jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
     sample_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(slp)
     policy_lps = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(plp)
-    done = jnp.isin(token, eos) | (jnp.arange(rows) >= real_rows)
+    done = jnp.isin(token, eos) | (row_ids >= real_rows)
     lengths = jnp.ones((rows,), jnp.int32)
 
     def cond(state):
-        step, _, _, _, _, _, done, _, _ = state
+        step, _, _, _, _, done, _ = state
         return (step < max_new_tokens - 1) & ~jnp.all(done)
 
     def body(state):
-        step, tokens, sample_lps, policy_lps, k, v, done, lengths, rng = state
+        step, tokens, sample_lps, policy_lps, cache, done, lengths = state
         write = prompt_len + step
-        valid_now = valid | (jnp.arange(total)[None, :] < write + 1) & (jnp.arange(total)[None, :] >= prompt_len)
-        x = params["text"]["embed"].astype(cache_dtype)[tokens[:, step]][:, None]
-        pos = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
-        cos, sin = text.mrope_cos_sin(pos, config.text)
-        hidden, (k, v) = text.decoder(config, params, x, cos, sin, valid_now,
-                                      cache=text.KVCache(k, v, valid_now), write_index=write)
-        k, v = (parallel.constrain(a, None, "batch", "tensor", None, None) for a in (k, v))
-        logits = qwen3_vl.logits_from_hidden(config, params, hidden[:, 0])
-        rng, key = jax.random.split(rng)
-        token, slp, plp = _choose(logits, key, greedy, temperature, top_k, top_p, use_top_p)
+        columns = jnp.arange(total)[None, :]
+        valid_now = valid | (columns < write + 1) & (columns >= prompt_len)
+        logits, cache = decode.step(config, step_params, tokens[:, step], next_position + step, cache, valid_now,
+                                    write)
+        token, slp, plp = pick(logits, step + 1)
         active = ~done
         token = jnp.where(active, token, pad_token_id)
         tokens = tokens.at[:, step + 1].set(token)
@@ -173,12 +119,11 @@ def generate_from_inputs(config: ModelConfig, params, inputs: qwen3_vl.ModelInpu
         policy_lps = policy_lps.at[:, step + 1].set(jnp.where(active, plp, 0.0))
         lengths = lengths + active.astype(jnp.int32)
         done = done | (active & jnp.isin(token, eos))
-        return step + 1, tokens, sample_lps, policy_lps, k, v, done, lengths, rng
+        return step + 1, tokens, sample_lps, policy_lps, cache, done, lengths
 
-    state = (jnp.int32(0), tokens, sample_lps, policy_lps, k, v, done, lengths, rng)
-    _, tokens, sample_lps, policy_lps, _, _, done, lengths, _ = jax.lax.while_loop(cond, body, state)
-    global _programs_traced
-    _programs_traced += 1  # a completed trace; this line does not run when the compiled program does
+    state = (jnp.int32(0), tokens, sample_lps, policy_lps, (k, v), done, lengths)
+    _, tokens, sample_lps, policy_lps, _, done, lengths = jax.lax.while_loop(cond, body, state)
+    count_trace()
     return SampleOutput(*(x[:real_rows] for x in (tokens, sample_lps, policy_lps, lengths, done)))
 
 
@@ -213,64 +158,8 @@ def left_pad(input_ids, attention_mask, length: int, pad_token_id: int):
     return ids, np.pad(np.asarray(attention_mask), ((0, 0), (extra, 0)))
 
 
-def generate(config: ModelConfig, params, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
-             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
-             rng=None, eos_token_ids=(), pad_token_id: int = 0, length_buckets=DEFAULT_LENGTH_BUCKETS,
-             patch_bucket: int | None = None, mesh=None) -> SampleOutput:
-    """Samples `n` continuations of each processor-format prompt (see models.prepare_inputs).
-
-    temperature == 0 is greedy. With `mesh`, prompt rows are split over ("data", "fsdp") (params
-    sharded by parallel.shard_params). Prompts are left-padded to a length bucket and patches to a
-    patch bucket, so repeated calls with the same buckets reuse one compiled program.
-    """
-    if max_new_tokens < 1 or n < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} and n={n} must be >= 1")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    qwen3_vl.check_batch(config, input_ids, attention_mask, pixel_values, image_grid_thw)
-    mask = np.ones_like(np.asarray(input_ids)) if attention_mask is None else attention_mask
-    length = bucket_length(np.asarray(input_ids).shape[1], length_buckets) if length_buckets else None
-    if length:
-        input_ids, mask = left_pad(input_ids, mask, length, pad_token_id)
-    inputs = qwen3_vl.prepare_inputs(config, input_ids, mask, pixel_values, image_grid_thw, patch_bucket=patch_bucket)
-    if mesh is not None:
-        inputs = shard_inputs(inputs, mesh)
-    rng = jax.random.key(0) if rng is None else rng
-    greedy = temperature == 0
-    before = compile_count()
-    with parallel.use_mesh(mesh if mesh is not None else parallel.mesh_of(params)):
-        out = generate_from_inputs(config, params, inputs, rng, jnp.float32(temperature or 1.0), jnp.float32(top_p),
-                                   max_new_tokens=max_new_tokens, n=n, greedy=greedy, top_k=int(top_k),
-                                   eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=pad_token_id,
-                                   use_top_p=top_p < 1.0)
-    if compile_count() > before:
-        log.info("compiled generate: batch=%d length=%d patches=%s n=%d max_new_tokens=%d (%d programs)",
-                 inputs.input_ids.shape[0], inputs.input_ids.shape[1],
-                 None if inputs.vision is None else inputs.vision.pixel_values.shape[0], n, max_new_tokens,
-                 compile_count())
-    return out
-
-
-def shard_inputs(inputs: qwen3_vl.ModelInputs, mesh) -> qwen3_vl.ModelInputs:
-    """Places prompt rows over ("data", "fsdp") where they divide evenly (position_ids carry the
-    batch on axis 1); vision rows are split over images the same way; the rest is replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    size = mesh.shape["data"] * mesh.shape["fsdp"]
-
-    def place(path, leaf):
-        axis = 1 if parallel.path_str(path).endswith("position_ids") else 0
-        spec = [None] * np.ndim(leaf)
-        if np.ndim(leaf) and np.shape(leaf)[axis] % size == 0:
-            spec[axis] = parallel.BATCH
-        return jax.device_put(leaf, NamedSharding(mesh, P(*spec)))
-
-    return jax.tree_util.tree_map_with_path(place, inputs)
-
-
 def compile_count() -> int:
-    """How many generate programs have been traced, i.e. compiled, in this process (a program
-    placed on another device compiles again without a new trace, and is not counted)."""
+    """How many sampler programs (the static engine's, the continuous engine's prefill and
+    segment) have been traced, i.e. compiled, in this process (a program placed on another
+    device compiles again without a new trace, and is not counted)."""
     return _programs_traced

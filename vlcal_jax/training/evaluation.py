@@ -75,7 +75,8 @@ class Evaluator:
                           mode=self.config.rl.mode, prompt=self.config.rl.prompt, batch_size=e.batch_size,
                           max_new_tokens=self.config.rl.max_new_tokens, temperature=e.temperature,
                           top_p=e.top_p, seed=self.config.seed,
-                          length_buckets=tuple(self.config.data.length_buckets),
+                          length_buckets=tuple(self.config.data.length_buckets), engine=e.engine,
+                          slots=e.decode_slots,
                           out_dir=self.run_dir.local("eval", tag) if writer.enabled else None)
         if writer.enabled:  # process 0 writes; every process evaluates its share (eval.evaluate)
             self.run_dir.publish("eval", tag)

@@ -65,7 +65,7 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     out = rollouts.generate(config, policy, prompts.inputs, k_sample, prompts_per_chunk=r.rollout_batch_size,
                             samples=n, max_new_tokens=m, temperature=r.temperature, top_p=r.top_p,
                             eos_token_ids=ctx.eos_ids, pad_token_id=ctx.tokenizer.pad_token_id,
-                            tokenizer=ctx.tokenizer, mode=r.mode)
+                            tokenizer=ctx.tokenizer, mode=r.mode, engine=r.rollout_engine, slots=r.decode_slots)
     tokens, lengths, texts, vision_mask = out.tokens, out.lengths, out.texts, out.vision_mask
     t1 = time.perf_counter()
     seq = rollout.expand_for_responses(prompts.inputs, tokens, lengths, n)

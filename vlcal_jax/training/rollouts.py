@@ -7,7 +7,8 @@ chunk i, so the host's detokenising and span finding overlap the device's genera
 dispatch is asynchronous; only reading a chunk's tokens waits for it). `score` runs
 `rl.micro_batch_size` rows per call and concatenates the per-token statistics, so the soft
 labels' batch statistics are still taken over the whole rollout batch (PAPER.md section 4).
-Chunks hold whole prompts; their images travel with them (rl.microbatch).
+Chunks hold whole prompts; their images travel with them (rl.microbatch). The continuous
+engine dispatches its decode segments without waiting on them, so the overlap holds for it too.
 
 Multi-process: the prompts are this process's; each sampler / scoring call takes the same
 share of every process's prompts (chunk c = chunk c of each process, in process order) as one
@@ -50,8 +51,12 @@ def chunk_size(total: int, size: int, name: str, unit: int = 1) -> int:
 
 
 def generate(config, policy, prompt_inputs, rng, *, prompts_per_chunk: int, samples: int, max_new_tokens: int,
-             temperature: float, top_p: float, eos_token_ids, pad_token_id: int, tokenizer, mode: str) -> Rollouts:
-    """Samples `samples` responses per prompt, `prompts_per_chunk` prompts per sampler call."""
+             temperature: float, top_p: float, eos_token_ids, pad_token_id: int, tokenizer, mode: str,
+             engine: str = "continuous", slots: int = 0) -> Rollouts:
+    """Samples `samples` responses per prompt, `prompts_per_chunk` prompts per sampler call, with
+    sampling engine `engine` (sampling.ENGINES) and, for the continuous one, `slots` decode slots
+    per call (0: sampling.default_slots; with several processes, of the call's global batch:
+    every process's prompts of the chunk, each process's slots taking only its own)."""
     prompts = np.asarray(prompt_inputs.input_ids).shape[0]
     count = jax.process_count()
     size = chunk_size(prompts * count, prompts_per_chunk, "rl.rollout_batch_size", count) // count
@@ -61,7 +66,7 @@ def generate(config, policy, prompt_inputs, rng, *, prompts_per_chunk: int, samp
             prompt_inputs, prompts, 1, image_token_id=config.image_token_id, merge_unit=config.vision.merge_unit)
 
     mesh = parallel.mesh_of(policy)
-    sample_fn = _under_mesh(sampling.generate_from_inputs, mesh)
+    sample_fn = _under_mesh(sampling.sample, mesh)
 
     def dispatch(c):
         inputs = prompt_inputs if chunks == 1 else microbatch.take_prompts(
@@ -71,7 +76,7 @@ def generate(config, policy, prompt_inputs, rng, *, prompts_per_chunk: int, samp
         return sample_fn(
             config, policy, inputs, key, jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
             n=samples, greedy=False, top_k=0, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-            use_top_p=top_p < 1.0)
+            use_top_p=top_p < 1.0, engine_name=engine, slots=slots)
 
     parts = []
     pending = dispatch(0)
