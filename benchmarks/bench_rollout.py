@@ -1,7 +1,7 @@
 """RL-shaped rollouts: useful tokens/s of the continuous engine, the static engine and HF generate
 at equal KV-cache memory, on response lengths with a long tail.
 
-    python benchmarks/bench_rollout.py [--prompts 32 --n 8 --cap 512 --static_rows 32 --hf_calls 2]
+    python benchmarks/bench_rollout.py [--prompts 32 --n 8 --cap 512 --static_rows 32 --hf_calls 2 --repeats 1]
 
 The mid-size random model of bench_sampler.py; each prompt holds one 128x128 image (16 merged
 tokens) and a few text tokens (one 32-token length bucket). Lengths come from sampling the model
@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
+if "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1] == "1":  # before jax starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -63,7 +66,9 @@ def main():
     parser.add_argument("--cap", type=int, default=512)
     parser.add_argument("--static_rows", type=int, default=32)
     parser.add_argument("--hf_calls", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="1: one thread on both sides (the per-core "
+                        "comparison; an oversubscribed machine slows torch's OpenMP workers more than XLA's pool)")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     if args.static_rows % args.n or args.prompts % (args.static_rows // args.n):
         raise SystemExit(f"--static_rows={args.static_rows} must be whole prompts of n={args.n} that divide "
@@ -82,10 +87,10 @@ def main():
     settings = dict(max_new_tokens=args.cap, temperature=1.0, n=args.n, eos_token_ids=eos, length_buckets=(PROMPT_LEN,))
     results = {}
 
-    def static():
+    def static(count=calls):
         outs = [sampling.generate(config, params, *take(batch, c * per_call, (c + 1) * per_call),
                                   rng=jax.random.fold_in(jax.random.key(1), c), engine="static", **settings)
-                for c in range(calls)]
+                for c in range(count)]
         results["static"] = np.concatenate([np.asarray(o.lengths) for o in outs])
 
     def continuous():
@@ -93,7 +98,7 @@ def main():
                                 **settings)
         results["continuous"] = np.asarray(out.lengths)
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads or os.cpu_count())
 
     def theirs(calls=args.hf_calls, new=args.cap):
         lengths = []
@@ -106,13 +111,13 @@ def main():
         results["hf"] = np.concatenate(lengths)
 
     best = race({"continuous": continuous, "static": static, "hf": theirs}, args.repeats,
-                warmups={"hf": lambda: theirs(1, 4)})
+                warmups={"static": lambda: static(1), "hf": lambda: theirs(1, 4)})  # compiles, cheaply
     rate = {name: results[name].sum() / best[name] for name in best}
     kv_token_rows = {"static / HF": args.static_rows * (PROMPT_LEN + args.cap),
                      "continuous": slots * (PROMPT_LEN + args.cap) + args.prompts * PROMPT_LEN}
     print(f"config: {DESCRIPTION}; {args.prompts} prompts x n={args.n}, one 128x128 image each ({PROMPT_LEN}-token "
           f"prompts), cap {args.cap} tokens, {len(eos)} EOS ids; jax {jax.__version__}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPU cores, best of {args.repeats} rounds")
+          f"{os.cpu_count()} CPU cores{', 1 thread each' if args.threads == 1 else ''}, best of {args.repeats} rounds")
     for name in ("continuous", "static", "hf"):
         lengths = results[name]
         print(f"{name} response lengths: mean {lengths.mean():.1f} (target {mean:.0f}), median "

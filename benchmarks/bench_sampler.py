@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
+if "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1] == "1":  # before jax starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -34,6 +37,8 @@ def main():
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="1: one thread on both sides (the per-core "
+                        "comparison; an oversubscribed machine slows torch's OpenMP workers more than XLA's pool)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -51,7 +56,7 @@ def main():
             out.tokens.block_until_ready()
         return run
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads or os.cpu_count())
     hf_kwargs = hf_inputs(*batch) | dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=True,
                                          temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=args.n)
 
@@ -65,8 +70,8 @@ def main():
     step_ms = {e: 1e3 * (best[e] - best["prefill"]) / (args.new - 1) for e in ("static", "continuous")}
     floor_ms = 1e3 * best["floor"] / FLOOR_STEPS
     print(f"config: {DESCRIPTION}; {args.prompts} prompts x n={args.n}, {args.new} new tokens, one 224x224 image "
-          f"each; jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU cores, best of "
-          f"{args.repeats} rounds")
+          f"each; jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU cores"
+          f"{', 1 thread each' if args.threads == 1 else ''}, best of {args.repeats} rounds")
     for engine in ("static", "continuous"):
         tps = total_tokens / best[engine]
         print(f"vlcal_jax {engine:<10} {best[engine]:6.2f} s  {tps:7,.0f} tokens/s  {tps / hf_tps:.2f}x HF   decode "

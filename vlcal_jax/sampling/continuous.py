@@ -60,9 +60,9 @@ def cache_layout(unrolled: bool) -> str:
 
 class Prompts(NamedTuple):
     """The call's prefilled prompts (read-only while decoding): k, v [L, B, KV, Tp, hd] (in the
-    slots' `cache_layout`: [L, B, Tp, KV, hd] when "token"), valid bool
-    [B, Tp] (their attention masks), next_position int32 [B] (the first generated position);
-    keys uint32 [B * n, 2]: each output row's `choose.sample_keys`."""
+    slots' `cache_layout`: [L, B, Tp, KV, hd] when "token"), valid bool [B, Tp] (their attention
+    masks), next_position int32 [B] (the first generated position); keys uint32 [B * n, 2]: each
+    output row's `choose.sample_keys`."""
 
     k: jax.Array
     v: jax.Array
@@ -73,11 +73,12 @@ class Prompts(NamedTuple):
 
 class Slots(NamedTuple):
     """The decode slots. k, v [L, S, Tp + M, KV, hd] ("token" `cache_layout`), or tuples of L
-    [S, KV, Tp + M, hd] when decode layers are unrolled; prompt_valid bool [S, Tp] (the slot's prompt keys); row int32 [S]: the output row
-    it decodes, as an index into its batch shard's rows (-1: free); t int32 [S]: that row's
-    tokens so far; last int32 [S]: its last token (the next step's input); position int32 [S]:
-    the rotary position of `last`; key uint32 [S, 2]: the row's `choose.sample_keys`; next int32
-    [D]: each batch shard's queue head (the first of its rows that no slot has taken yet)."""
+    [S, KV, Tp + M, hd] when decode layers are unrolled; prompt_valid bool [S, Tp] (the slot's
+    prompt keys); row int32 [S]: the output row it decodes, as an index into its batch shard's
+    rows (-1: free); t int32 [S]: that row's tokens so far; last int32 [S]: its last token (the
+    next step's input); position int32 [S]: the rotary position of `last`; key uint32 [S, 2]:
+    the row's `choose.sample_keys`; next int32 [D]: each batch shard's queue head (the first of
+    its rows that no slot has taken yet)."""
 
     k: jax.Array | tuple
     v: jax.Array | tuple
