@@ -65,3 +65,14 @@ def test_blank_image_is_the_empty_canvas():
     assert np.all(np.asarray(blank) == np.asarray(scenes.render_scene(scenes.Scene(32, ()))))
     assert not np.all(np.asarray(sample.image) == np.asarray(blank))
     assert isinstance(blank, Image.Image)
+
+
+def test_rung_names_split_the_command_line_string_and_typos_fail_before_the_warm_start(tmp_path):
+    assert study.rung_names("rlvr,tar") == ["rlvr", "tar"]
+    assert study.rung_names(("rlvr,tar",)) == ["rlvr", "tar"]
+    assert study.rung_names(("rlvr", " vce ")) == ["rlvr", "vce"]
+    import ml_collections
+    import pytest
+    bad = ml_collections.ConfigDict({"rungs": ("rlvr,tra",), "seeds": (0,), "workdir": str(tmp_path), "base": {}})
+    with pytest.raises(ValueError, match="unknown rung 'tra'"):
+        study.run_study(bad)

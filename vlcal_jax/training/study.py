@@ -178,15 +178,26 @@ def probe_run(config: ml_collections.ConfigDict) -> dict:
     return out
 
 
+def rung_names(rungs) -> list[str]:
+    """The rungs as a list of names. On the command line `--config.rungs=rlvr,tar` reaches the
+    tuple field as one string 'rlvr,tar' (ml_collections splits numbers, not strings): split it."""
+    names = [rungs] if isinstance(rungs, str) else list(rungs)
+    return [n.strip() for name in names for n in name.split(",") if n.strip()]
+
+
 def run_study(study: ml_collections.ConfigDict) -> dict:
     """Every stage (module docstring); returns what study.json holds."""
+    rungs = rung_names(study.rungs)
+    for rung in rungs:  # a typo fails here, before the shared warm start spends minutes
+        if rung not in RUNGS:
+            raise ValueError(f"unknown rung {rung!r} in --config.rungs; the ladder is {list(RUNGS)}")
     shared = shared_stage(study)
-    results: dict = {"rungs": list(study.rungs), "seeds": list(study.seeds), "runs": {}}
+    results: dict = {"rungs": rungs, "seeds": list(study.seeds), "runs": {}}
     path = os.path.join(study.workdir, "study.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             results["runs"] = json.load(f).get("runs", {})
-    for rung in study.rungs:
+    for rung in rungs:
         for seed in study.seeds:
             name = f"{rung}/seed{seed}"
             if name in results["runs"]:
