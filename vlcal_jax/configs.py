@@ -96,6 +96,19 @@ def default_config() -> ml_collections.ConfigDict:
     # instruction, so one warm start serves runs in every format (the scene study's ablation
     # ladder). Empty: rl.mode with rl.prompt only.
     c.sft.formats = ()
+    # Making a model trained from scratch look at its images (README, "What the demo shows"): on
+    # the full format alone it learns the text prior and its loss stops depending on the image.
+    # inventory: the teacher's <vision> span starts with every object of the scene graph, as count
+    # sentences score_perception reads ("There is 1 red circle. There are 2 blue squares.").
+    c.sft.inventory = False
+    # caption_steps: a first stage of that many steps in which every row is the image alone with a
+    # "describe" instruction and the inventory as the whole response (a LLaVA-style alignment
+    # stage), at caption_learning_rate with its own schedule; caption_fraction: the share of rows
+    # of each later warm-start batch kept as such caption rows (picked by example id), so the next
+    # stage does not unlearn it.
+    c.sft.caption_steps = 0
+    c.sft.caption_learning_rate = 2e-3
+    c.sft.caption_fraction = 0.0
 
     c.rl = ml_collections.ConfigDict()
     c.rl.steps = 100

@@ -67,11 +67,13 @@ DECOUPLED_SHORT_INSTRUCTION = (
 DECOUPLED_TINY_INSTRUCTION = "Answer, then rate vision and reasoning confidence."
 RLCR_TINY_INSTRUCTION = "Answer, then rate confidence."
 PLAIN_TINY_INSTRUCTION = "Answer."
+# the warm start's caption rows (sft.caption_steps / caption_fraction): the image alone, described
+DESCRIBE_TINY_INSTRUCTION = "Describe the image."
 
 INSTRUCTIONS = {"decoupled": DECOUPLED_INSTRUCTION, "decoupled_short": DECOUPLED_SHORT_INSTRUCTION,
                 "rlcr": RLCR_INSTRUCTION, "plain": PLAIN_INSTRUCTION,
                 "decoupled_tiny": DECOUPLED_TINY_INSTRUCTION, "rlcr_tiny": RLCR_TINY_INSTRUCTION,
-                "plain_tiny": PLAIN_TINY_INSTRUCTION}
+                "plain_tiny": PLAIN_TINY_INSTRUCTION, "describe_tiny": DESCRIBE_TINY_INSTRUCTION}
 
 
 def format_question(question: str, mode: str = "decoupled") -> str:

@@ -79,6 +79,8 @@ def _demo_tokenizer(config, data, run_dir):
                          "or set model.path to a Qwen3-VL checkpoint directory")
     # the instruction of every prompt is the most frequent text: weight it so it compresses well
     prompts = {config.rl.prompt} | {prompt for _, prompt in warm.formats(config)}
+    if warm.uses_captions(config):
+        prompts.add(warm.CAPTION_PROMPT)
     texts = list(data.teacher_texts) + [processing.INSTRUCTIONS[p] for p in sorted(prompts)] * 500
     tokenizer = processing.train_demo_tokenizer(texts, config.model.init.vocab_size, tok_dir)
     run_dir.publish("tokenizer")

@@ -10,6 +10,7 @@ update; `warm_start` runs `config.sft.steps` of them.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import zlib
@@ -155,6 +156,54 @@ def formats(config) -> list[tuple[str, str]]:
     return pairs
 
 
+CAPTION_PROMPT = "describe_tiny"
+
+
+def uses_captions(config) -> bool:
+    return bool(config.sft.caption_steps or config.sft.caption_fraction)
+
+
+def scene_inventory(example) -> str:
+    """Every object of a scene-world example's scene graph (its meta "scene"), grouped by colour
+    and shape in reading order (bands of a quarter of the image, then left to right), as count
+    sentences that score_perception parses and checks: "There is 1 red circle. There are 2 blue
+    squares." Empty for an example without a scene graph."""
+    scene = (example.meta or {}).get("scene")
+    if scene is None:
+        return ""
+    scene = json.loads(scene) if isinstance(scene, str) else scene
+    band = max(1, int(scene.get("image_size", 64)) // 4)
+    groups: dict = {}
+    for obj in sorted(scene["objects"], key=lambda o: (o["y"] // band, o["x"])):
+        key = (obj["color"], obj["shape"])
+        groups[key] = groups.get(key, 0) + 1
+    return " ".join(f"There is 1 {color} {shape}." if n == 1 else f"There are {n} {color} {shape}s."
+                    for (color, shape), n in groups.items())
+
+
+def with_inventory(response: str, example) -> str:
+    """A decoupled teacher response whose <vision> span starts with the scene's inventory."""
+    inventory = scene_inventory(example)
+    return response.replace("<vision>", f"<vision>{inventory} ", 1) if inventory else response
+
+
+def caption_row(example):
+    """(the example as the image alone, its caption response): the image placeholders without the
+    question, answered by the inventory in a <vision> span."""
+    from vlcal_jax.data.example import Example  # pylint: disable=import-outside-toplevel
+
+    bare = Example(id=example.id, question="<image>" * max(1, len(example.images)), answer=example.answer,
+                   choices=example.choices, answer_type=example.answer_type, category=example.category,
+                   meta=example.meta, images=example.images)
+    return bare, f"<vision>{scene_inventory(example)}</vision>"
+
+
+def is_caption_row(example, fraction: float) -> bool:
+    """Whether a warm-start row is kept as a caption row: a hash of its id (the same for the same
+    row whatever the batch, the step or the process count) below `fraction`."""
+    return fraction > 0 and zlib.crc32(f"caption:{example.id}".encode()) % 10000 < fraction * 10000
+
+
 def pick_formats(examples, pairs) -> list[tuple[str, str]]:
     """One (mode, prompt) of `pairs` per example, by a hash of its id (the same for the same row
     whatever the batch, the step or the process count)."""
@@ -169,13 +218,32 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
     s = config.sft
     if data.sft_source is None:
         raise ValueError("sft.steps > 0 needs teacher responses: they come with data.kind='scenes'")
+    mesh = parallel.mesh_of(params)
+    encode = functools.partial(_warm_batch, config, model_config, tokenizer, image_config, mesh)
+    total = s.caption_steps + s.steps
+    if s.caption_steps:  # the alignment stage: every row the image alone and its inventory
+        optimizer = make_optimizer(s.caption_learning_rate, s.caption_steps, s.weight_decay, s.warmup_steps)
+        state = step.init_state(params, optimizer)
+        caption_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
+        bar = logs.progress(range(s.caption_steps), desc="warm start (captions)", disable=jax.process_index() != 0)
+        for i in bar:
+            rows = [caption_row(ex) for ex in data.sft_source.take(data.sft_source.block)]
+            inputs, mask = encode([ex for ex, _ in rows], [r for _, r in rows], [CAPTION_PROMPT] * len(rows))
+            state, metrics = caption_step(state, inputs, mask)
+            if (i + 1) % config.log_every == 0 or i + 1 == s.caption_steps:
+                metrics = {"sft/caption_loss": float(metrics["sft_loss"]), "sft/caption_grad_norm":
+                           float(metrics["grad_norm"]), "sft/caption_skipped": float(metrics["skipped"])}
+                writer.write(i + 1 - total, metrics)  # warm-start steps are logged at steps <= 0
+                bar.set_postfix(loss=f"{metrics['sft/caption_loss']:.3f}")
+        log.info("warm start, caption stage done: %d steps, final loss %.3f", s.caption_steps,
+                 metrics["sft/caption_loss"])
+        params = state.params
     optimizer = make_optimizer(s.learning_rate, s.steps, s.weight_decay, s.warmup_steps)
     state = step.init_state(params, optimizer)
     sft_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
     pairs = formats(config)
     rng = np.random.default_rng(config.seed)
     bar = logs.progress(range(s.steps), desc="warm start", disable=jax.process_index() != 0)
-    mesh = parallel.mesh_of(params)
     for i in bar:
         examples = data.sft_source.take(data.sft_source.block)
         responses = [ex.meta["teacher_response"] for ex in examples]
@@ -185,19 +253,8 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
         elif s.overconfident:
             responses = [override_confidences(r, rng, s.confidence_low, s.confidence_high,
                                               tuple(s.confidence_values)) for r in responses]
-        chosen = pick_formats(examples, pairs)
-        responses = [convert_teacher(r, mode) for r, (mode, _) in zip(responses, chosen)]
-        inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
-                                 response_length=config.rl.max_new_tokens,
-                                 length_buckets=tuple(config.data.length_buckets),
-                                 patch_bucket=config.data.patch_bucket or None,
-                                 num_images=len(examples) * config.data.max_images_per_prompt,
-                                 prompt=[prompt for _, prompt in chosen])
-        if multihost.multiprocess():
-            inputs = multihost.offset_image_index(inputs, model_config.image_token_id, model_config.vision.merge_unit,
-                                                  inputs.input_ids.shape[1] - config.rl.max_new_tokens)
-            inputs, mask = multihost.to_global((inputs, mask), mesh, what="warm-start batch")
-        state, metrics = sft_step(state, inputs, mask)
+        examples, responses, prompts = teacher_rows(config, examples, responses, pairs)
+        state, metrics = sft_step(state, *encode(examples, responses, prompts))
         if (i + 1) % config.log_every == 0 or i + 1 == s.steps:
             metrics = {f"sft/{k}": float(v) for k, v in metrics.items()}
             writer.write(i + 1 - s.steps, metrics)  # warm-start steps are logged at steps <= 0
@@ -210,6 +267,40 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
                  gap["blank_image_loss"], "uses the images" if gap["blank_image_loss"] > gap["loss"] + 1e-3 else
                  "IGNORES THE IMAGES (the loss does not change without them; train longer or make the scenes easier)")
     return jax.tree.map(lambda x: x, state.params)
+
+
+def teacher_rows(config, examples, responses, pairs):
+    """(examples, responses, prompt modes) of one warm-start batch after the teacher responses
+    are drawn: the inventory added (sft.inventory), each row in its picked format, and the rows
+    is_caption_row picks turned into caption rows."""
+    if config.sft.inventory:
+        responses = [with_inventory(r, ex) for r, ex in zip(responses, examples)]
+    chosen = pick_formats(examples, pairs)
+    rows, texts, prompts = [], [], []
+    for ex, r, (mode, prompt) in zip(examples, responses, chosen):
+        if is_caption_row(ex, config.sft.caption_fraction):
+            ex, r = caption_row(ex)
+            prompt = CAPTION_PROMPT
+        else:
+            r = convert_teacher(r, mode)
+        rows.append(ex)
+        texts.append(r)
+        prompts.append(prompt)
+    return rows, texts, prompts
+
+
+def _warm_batch(config, model_config, tokenizer, image_config, mesh, examples, responses, prompts):
+    """The device batch (inputs, response mask) of warm-start rows, global across processes."""
+    inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
+                             response_length=config.rl.max_new_tokens,
+                             length_buckets=tuple(config.data.length_buckets),
+                             patch_bucket=config.data.patch_bucket or None,
+                             num_images=len(examples) * config.data.max_images_per_prompt, prompt=prompts)
+    if multihost.multiprocess():
+        inputs = multihost.offset_image_index(inputs, model_config.image_token_id, model_config.vision.merge_unit,
+                                              inputs.input_ids.shape[1] - config.rl.max_new_tokens)
+        inputs, mask = multihost.to_global((inputs, mask), mesh, what="warm-start batch")
+    return inputs, mask
 
 
 def blank_images(examples) -> list:
@@ -232,7 +323,9 @@ def image_dependence(config, model_config, params, tokenizer, image_config, exam
     if not examples:
         return {"loss": float("nan"), "blank_image_loss": float("nan")}
     pairs = pick_formats(examples, formats(config))
-    responses = [convert_teacher(ex.meta["teacher_response"], mode) for ex, (mode, _) in zip(examples, pairs)]
+    responses = [with_inventory(ex.meta["teacher_response"], ex) if config.sft.inventory
+                 else ex.meta["teacher_response"] for ex in examples]
+    responses = [convert_teacher(r, mode) for r, (mode, _) in zip(responses, pairs)]
     out = {}
     for key, batch in (("loss", examples), ("blank_image_loss", blank_images(examples))):
         inputs, mask = sft_batch(batch, responses, tokenizer, model_config, image_config,
