@@ -17,7 +17,9 @@ STUDY = "python -m vlcal_jax.study --config experiments/scene_study.py"
 RUNGS = ("rlvr", "tar")
 TINY = ("--config.seeds=0, --config.rungs=rlvr,tar " + readme.SHORT.replace("--config.", "--config.base.")
         .replace("--config.base.rl.steps=4", "--config.base.rl.steps=1")
-        .replace("--config.base.eval.every=2", "--config.base.eval.every=0"))
+        .replace("--config.base.eval.every=2", "--config.base.eval.every=0")
+        # the warm start's image curriculum rides along (one caption step, caption rows, inventory)
+        + " --config.base.sft.caption_steps=1 --config.base.sft.caption_fraction=0.5 --config.base.sft.inventory=True")
 
 
 def test_study_smoke_runs_its_rungs_from_one_warm_start(tmp_path):
@@ -39,7 +41,7 @@ def test_study_smoke_runs_its_rungs_from_one_warm_start(tmp_path):
         assert 0.0 <= figures["accuracy"] <= 1.0 and 0.0 <= figures["accuracy_without_image"] <= 1.0
         if rung == "rlvr":  # no stated confidence in the plain format
             assert figures["confidence_with_image"] is None and figures.get("ece") is None
-    assert "warm start restored" in out
+    assert "warm start restored" in out and "caption stage done: 1 steps" in out
     table = open(os.path.join(root, "study.md"), encoding="utf-8").read()
     assert all(study.LABELS[r] in table for r in RUNGS)
     if "tar/seed0" in result["runs"]:
