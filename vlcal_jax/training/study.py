@@ -34,7 +34,7 @@ from PIL import Image
 from vlcal_jax.data import scenes
 from vlcal_jax.data.example import Example
 from vlcal_jax.eval import metrics as M
-from vlcal_jax.training import data_setup, logs, loop, model_setup, storage
+from vlcal_jax.training import data_setup, logs, loop, model_setup, storage, warm
 
 log = logging.getLogger("vlcal_jax.study")
 
@@ -101,9 +101,9 @@ def blank_image(image: Image.Image) -> Image.Image:
 
 
 def without_images(examples: Sequence[Example]) -> list[Example]:
-    return [Example(id=ex.id, question=ex.question, images=[blank_image(im) for im in ex.images], answer=ex.answer,
-                    choices=ex.choices, answer_type=ex.answer_type, category=ex.category, meta=ex.meta)
-            for ex in examples]
+    """The examples with every image replaced by the scene world's empty canvas."""
+    canvas = scenes.render_scene(scenes.Scene(64, ())).getpixel((0, 0))
+    return warm.blank_images(examples, color=canvas)
 
 
 def stated_confidence(records) -> float | None:

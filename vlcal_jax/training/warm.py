@@ -303,15 +303,16 @@ def _warm_batch(config, model_config, tokenizer, image_config, mesh, examples, r
     return inputs, mask
 
 
-def blank_images(examples) -> list:
-    """The examples with every image replaced by a plain canvas of its size and top-left colour."""
+def blank_images(examples, color=None) -> list:
+    """The examples with every image replaced by a plain canvas of its size, in `color` (an RGB
+    triple), else the image's own top-left colour."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
     from vlcal_jax.data.example import Example  # pylint: disable=import-outside-toplevel
 
     return [Example(id=ex.id, question=ex.question, answer=ex.answer, choices=ex.choices,
                     answer_type=ex.answer_type, category=ex.category, meta=ex.meta,
-                    images=[Image.new("RGB", im.size, im.convert("RGB").getpixel((0, 0))) for im in ex.images])
+                    images=[Image.new("RGB", im.size, color or im.convert("RGB").getpixel((0, 0))) for im in ex.images])
             for ex in examples]
 
 
