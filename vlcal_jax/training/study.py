@@ -95,15 +95,18 @@ def _link_shared(shared: str, workdir: str) -> None:
             os.symlink(os.path.abspath(os.path.join(shared, name)), link)
 
 
+def _canvas_color() -> tuple:
+    return scenes.render_scene(scenes.Scene(8, ())).getpixel((0, 0))
+
+
 def blank_image(image: Image.Image) -> Image.Image:
     """The scene world's empty canvas, the size of `image`: the image removed, the question kept."""
-    return Image.new("RGB", image.size, scenes.render_scene(scenes.Scene(image.size[0], ())).getpixel((0, 0)))
+    return Image.new("RGB", image.size, _canvas_color())
 
 
 def without_images(examples: Sequence[Example]) -> list[Example]:
     """The examples with every image replaced by the scene world's empty canvas."""
-    canvas = scenes.render_scene(scenes.Scene(64, ())).getpixel((0, 0))
-    return warm.blank_images(examples, color=canvas)
+    return warm.blank_images(examples, color=_canvas_color())
 
 
 def stated_confidence(records) -> float | None:

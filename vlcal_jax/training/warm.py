@@ -220,31 +220,18 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
         raise ValueError("sft.steps > 0 needs teacher responses: they come with data.kind='scenes'")
     mesh = parallel.mesh_of(params)
     encode = functools.partial(_warm_batch, config, model_config, tokenizer, image_config, mesh)
-    total = s.caption_steps + s.steps
     if s.caption_steps:  # the alignment stage: every row the image alone and its inventory
-        optimizer = make_optimizer(s.caption_learning_rate, s.caption_steps, s.weight_decay, s.warmup_steps)
-        state = step.init_state(params, optimizer)
-        caption_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
-        bar = logs.progress(range(s.caption_steps), desc="warm start (captions)", disable=jax.process_index() != 0)
-        for i in bar:
+        def caption_batch():
             rows = [caption_row(ex) for ex in data.sft_source.take(data.sft_source.block)]
-            inputs, mask = encode([ex for ex, _ in rows], [r for _, r in rows], [CAPTION_PROMPT] * len(rows))
-            state, metrics = caption_step(state, inputs, mask)
-            if (i + 1) % config.log_every == 0 or i + 1 == s.caption_steps:
-                metrics = {"sft/caption_loss": float(metrics["sft_loss"]), "sft/caption_grad_norm":
-                           float(metrics["grad_norm"]), "sft/caption_skipped": float(metrics["skipped"])}
-                writer.write(i + 1 - total, metrics)  # warm-start steps are logged at steps <= 0
-                bar.set_postfix(loss=f"{metrics['sft/caption_loss']:.3f}")
-        log.info("warm start, caption stage done: %d steps, final loss %.3f", s.caption_steps,
-                 metrics["sft/caption_loss"])
-        params = state.params
-    optimizer = make_optimizer(s.learning_rate, s.steps, s.weight_decay, s.warmup_steps)
-    state = step.init_state(params, optimizer)
-    sft_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
+            return encode([ex for ex, _ in rows], [r for _, r in rows], [CAPTION_PROMPT] * len(rows))
+
+        params, loss = _stage(config, model_config, params, writer, caption_batch, s.caption_steps,
+                              s.caption_learning_rate, "caption_", first_step=1 - s.caption_steps - s.steps)
+        log.info("warm start, caption stage done: %d steps, final loss %.3f", s.caption_steps, loss)
     pairs = formats(config)
     rng = np.random.default_rng(config.seed)
-    bar = logs.progress(range(s.steps), desc="warm start", disable=jax.process_index() != 0)
-    for i in bar:
+
+    def teacher_batch():
         examples = data.sft_source.take(data.sft_source.block)
         responses = [ex.meta["teacher_response"] for ex in examples]
         if s.overconfident and multihost.multiprocess():
@@ -253,20 +240,42 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
         elif s.overconfident:
             responses = [override_confidences(r, rng, s.confidence_low, s.confidence_high,
                                               tuple(s.confidence_values)) for r in responses]
-        examples, responses, prompts = teacher_rows(config, examples, responses, pairs)
-        state, metrics = sft_step(state, *encode(examples, responses, prompts))
-        if (i + 1) % config.log_every == 0 or i + 1 == s.steps:
-            metrics = {f"sft/{k}": float(v) for k, v in metrics.items()}
-            writer.write(i + 1 - s.steps, metrics)  # warm-start steps are logged at steps <= 0
-            bar.set_postfix(loss=f"{metrics['sft/sft_loss']:.3f}")
-    log.info("warm start done: %d steps, final loss %.3f", s.steps, float(metrics["sft/sft_loss"]))
+        return encode(*teacher_rows(config, examples, responses, pairs))
+
+    params, loss = _stage(config, model_config, params, writer, teacher_batch, s.steps, s.learning_rate, "",
+                          first_step=1 - s.steps)
+    log.info("warm start done: %d steps, final loss %.3f", s.steps, loss)
     if data.eval_examples and not multihost.multiprocess():
-        gap = image_dependence(config, model_config, state.params, tokenizer, image_config, data.eval_examples)
+        gap = image_dependence(config, model_config, params, tokenizer, image_config, data.eval_examples)
         writer.write(0, {"sft/heldout_loss": gap["loss"], "sft/blank_image_loss": gap["blank_image_loss"]})
         log.info("held-out teacher loss %.4f, with the images blanked %.4f: the model %s", gap["loss"],
                  gap["blank_image_loss"], "uses the images" if gap["blank_image_loss"] > gap["loss"] + 1e-3 else
                  "IGNORES THE IMAGES (the loss does not change without them; train longer or make the scenes easier)")
-    return jax.tree.map(lambda x: x, state.params)
+    return params
+
+
+def _stage(config, model_config, params, writer, next_batch, steps: int, learning_rate: float, prefix: str,
+           first_step: int):
+    """`steps` supervised steps on `next_batch()` with a fresh AdamW and schedule; logs
+    sft/sft_loss, sft/grad_norm, sft/skipped (prefix "") or sft/{prefix}loss, sft/{prefix}grad_norm,
+    sft/{prefix}skipped at steps first_step.. (warm-start steps are logged at steps <= 0).
+    -> (params, final loss)."""
+    s = config.sft
+    optimizer = make_optimizer(learning_rate, steps, s.weight_decay, s.warmup_steps)
+    state = step.init_state(params, optimizer)
+    sft_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
+    desc = f"warm start ({prefix.strip('_')}s)" if prefix else "warm start"
+    bar = logs.progress(range(steps), desc=desc, disable=jax.process_index() != 0)
+    loss = float("nan")
+    for i in bar:
+        state, metrics = sft_step(state, *next_batch())
+        if (i + 1) % config.log_every == 0 or i + 1 == steps:
+            loss = float(metrics["sft_loss"])
+            writer.write(first_step + i, {f"sft/{prefix or 'sft_'}loss": loss,
+                                          f"sft/{prefix}grad_norm": float(metrics["grad_norm"]),
+                                          f"sft/{prefix}skipped": float(metrics["skipped"])})
+            bar.set_postfix(loss=f"{loss:.3f}")
+    return jax.tree.map(lambda x: x, state.params), loss
 
 
 def teacher_rows(config, examples, responses, pairs):
