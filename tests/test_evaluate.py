@@ -232,6 +232,15 @@ def test_metrics_match_independent_recomputation(world, monkeypatch, tmp_path):
     check(overall["confidence"], [r["confidence"] for r in records], gold_in_box)
     check(overall["reasoning"], [r["reasoning_confidence"] for r in records], gold_in_box)
     check(overall["vision"], [r["vision_confidence"] for r in records], [not v for v, _ in errors])
+    # accuracy per fifth of the scenes by the world's difficulty score (ties by id), easiest first
+    assert [r["difficulty"] for r in records] == [s.difficulty for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].difficulty, samples[i].id))
+    sizes = [len(samples) // 5 + (k < len(samples) % 5) for k in range(5)]
+    bounds = np.cumsum([0] + sizes)
+    fifths = [gold_in_box[order[a:b]].mean() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert overall["by_difficulty"]["accuracy"] == pytest.approx(fifths)
+    assert overall["by_difficulty"]["gap"] == pytest.approx(fifths[0] - fifths[-1])
+    assert ev.accuracy_by_difficulty([dict(r, difficulty=None) for r in records]) is None
     for category, group in result.metrics["categories"].items():
         members = [i for i, s in enumerate(samples) if f"scenes/{s.kind}" == category]
         assert group["n"] == len(members)

@@ -109,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft.caption_steps = 0
     c.sft.caption_learning_rate = 2e-3
     c.sft.caption_fraction = 0.0
+    # response tokens of a caption-stage row (an inventory is short; 0: rl.max_new_tokens, the
+    # length every other warm-start row is padded to); one compiled shape either way
+    c.sft.caption_length = 0
 
     c.rl = ml_collections.ConfigDict()
     c.rl.steps = 100

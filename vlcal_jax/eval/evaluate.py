@@ -199,7 +199,8 @@ def score_responses(examples: Sequence, responses: Sequence[str | Generation], *
     "decoupled", the single score for "rlcr", None when missing or for "plain"),
     format_ok, perception_correct (None unless the example carries scene facts),
     perception_missing / perception_wrong (facts not stated / stated wrong), response,
-    num_tokens and truncated (None when given plain strings).
+    num_tokens and truncated (None when given plain strings), difficulty (the scene world's
+    difficulty score in [0, 1], None for other data).
     """
     if len(examples) != len(responses):
         raise ValueError(f"{len(examples)} examples but {len(responses)} responses; pass one response each")
@@ -224,11 +225,29 @@ def score_responses(examples: Sequence, responses: Sequence[str | Generation], *
             "perception_correct": None if perception is None else bool(perception.correct),
             "perception_missing": None if perception is None else list(perception.missing),
             "perception_wrong": None if perception is None else list(perception.wrong),
+            "difficulty": _difficulty(example),
             "response": text,
             "num_tokens": generation.num_tokens if isinstance(response, Generation) else None,
             "truncated": (not generation.finished) if isinstance(response, Generation) else None,
         })
     return records
+
+
+def _difficulty(example) -> float | None:
+    value = (example.meta or {}).get("difficulty")
+    return None if value is None else float(value)
+
+
+def accuracy_by_difficulty(records: Sequence[dict[str, Any]], parts: int = 5) -> dict[str, Any] | None:
+    """Accuracy per fifth (`parts`) of the records ranked by the scene world's difficulty score
+    (ties broken by id, so the split is fixed), easiest first: {"accuracy": [...], "gap": easiest
+    - hardest}; None without difficulty scores or with fewer records than parts."""
+    scored = [r for r in records if r.get("difficulty") is not None]
+    if len(scored) < parts:
+        return None
+    ranked = sorted(scored, key=lambda r: (r["difficulty"], r["id"]))
+    accuracy = [float(np.mean([r["correct"] for r in chunk])) for chunk in np.array_split(np.array(ranked), parts)]
+    return {"accuracy": accuracy, "gap": accuracy[0] - accuracy[-1]}
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -268,7 +287,8 @@ def group_metrics(records: Sequence[dict[str, Any]], mode: str = "decoupled") ->
     """Metrics of one group of records.
 
     n, accuracy, format_rate, missing_confidence, truncated (count; None if unknown),
-    mean_tokens, perception_accuracy (None without scene facts), and calibration blocks
+    mean_tokens, perception_accuracy (None without scene facts), by_difficulty
+    (`accuracy_by_difficulty`, None without scene difficulty scores), and calibration blocks
     (`calibration_metrics`, None where they do not apply):
       confidence: Phi (or the RLCR score) vs answer correctness; the paper's metric.
       vision: vision confidence vs perception correctness (scene-world records only).
@@ -290,6 +310,7 @@ def group_metrics(records: Sequence[dict[str, Any]], mode: str = "decoupled") ->
         "truncated": int(sum(truncated)) if truncated else None,
         "mean_tokens": float(np.mean(tokens)) if tokens else None,
         "perception_accuracy": float(np.mean([r["perception_correct"] for r in seen])) if seen else None,
+        "by_difficulty": accuracy_by_difficulty(records),
         "confidence": None, "vision": None, "reasoning": None, "reasoning_given_perception": None,
     }
     if mode != "plain":

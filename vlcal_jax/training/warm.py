@@ -223,7 +223,8 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
     if s.caption_steps:  # the alignment stage: every row the image alone and its inventory
         def caption_batch():
             rows = [caption_row(ex) for ex in data.sft_source.take(data.sft_source.block)]
-            return encode([ex for ex, _ in rows], [r for _, r in rows], [CAPTION_PROMPT] * len(rows))
+            return encode([ex for ex, _ in rows], [r for _, r in rows], [CAPTION_PROMPT] * len(rows),
+                          response_length=s.caption_length or config.rl.max_new_tokens)
 
         params, loss = _stage(config, model_config, params, writer, caption_batch, s.caption_steps,
                               s.caption_learning_rate, "caption_", first_step=1 - s.caption_steps - s.steps)
@@ -298,16 +299,19 @@ def teacher_rows(config, examples, responses, pairs):
     return rows, texts, prompts
 
 
-def _warm_batch(config, model_config, tokenizer, image_config, mesh, examples, responses, prompts):
-    """The device batch (inputs, response mask) of warm-start rows, global across processes."""
+def _warm_batch(config, model_config, tokenizer, image_config, mesh, examples, responses, prompts,
+                response_length: int = 0):
+    """The device batch (inputs, response mask) of warm-start rows, global across processes;
+    responses padded (or cut) to `response_length` tokens (0: rl.max_new_tokens)."""
+    response_length = response_length or config.rl.max_new_tokens
     inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
-                             response_length=config.rl.max_new_tokens,
+                             response_length=response_length,
                              length_buckets=tuple(config.data.length_buckets),
                              patch_bucket=config.data.patch_bucket or None,
                              num_images=len(examples) * config.data.max_images_per_prompt, prompt=prompts)
     if multihost.multiprocess():
         inputs = multihost.offset_image_index(inputs, model_config.image_token_id, model_config.vision.merge_unit,
-                                              inputs.input_ids.shape[1] - config.rl.max_new_tokens)
+                                              inputs.input_ids.shape[1] - response_length)
         inputs, mask = multihost.to_global((inputs, mask), mesh, what="warm-start batch")
     return inputs, mask
 
