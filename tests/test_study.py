@@ -18,8 +18,9 @@ RUNGS = ("rlvr", "tar")
 TINY = ("--config.seeds=0, --config.rungs=rlvr,tar " + readme.SHORT.replace("--config.", "--config.base.")
         .replace("--config.base.rl.steps=4", "--config.base.rl.steps=1")
         .replace("--config.base.eval.every=2", "--config.base.eval.every=0")
-        # the warm start's image curriculum rides along (one caption step, caption rows, inventory)
-        + " --config.base.sft.caption_steps=1 --config.base.sft.caption_fraction=0.5 --config.base.sft.inventory=True")
+        # the demo's warm-start image curriculum rides along (SHORT's one caption step, caption rows,
+        # the inventory), here with a shorter caption length
+        + " --config.base.sft.caption_length=24")
 
 
 def test_study_smoke_runs_its_rungs_from_one_warm_start(tmp_path):
