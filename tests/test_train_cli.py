@@ -25,6 +25,7 @@ def tiny_config(workdir):
     c.model.init.text.num_hidden_layers = 1
     c.model.init.vision.depth = 1
     c.sft.steps = 2
+    c.sft.caption_steps = 1  # the demo's image curriculum, one step of its caption stage
     c.sft.batch_size = 4
     c.rl.steps = 2
     c.rl.prompts_per_step = 2

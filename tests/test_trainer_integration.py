@@ -43,6 +43,8 @@ def tiny_config(workdir):
     c.model.init.vision.depth = 1
     # long enough that most samples state a vision span (TAR and R_vis then have tokens to act on)
     c.sft.steps = 100
+    c.sft.caption_steps = 0  # every warm-start row in the full format, as this test's spans need
+    c.sft.caption_fraction = 0.0
     c.sft.batch_size = 8
     c.sft.warmup_steps = 2
     c.rl.steps = 1
