@@ -34,7 +34,8 @@ ATOL = 1e-5
 def tiny_overrides(workdir, scenes):
     return [f"--config.workdir={workdir}", f"--config.data.path={scenes}", "--config.data.num_examples=40",
             "--config.model.init.text.num_hidden_layers=1", "--config.model.init.vision.depth=1",
-            f"--config.sft.steps={SFT_STEPS}", "--config.sft.caption_steps=1", "--config.sft.batch_size=4", f"--config.rl.steps={STEPS}",
+            f"--config.sft.steps={SFT_STEPS}", "--config.sft.caption_steps=1",
+            "--config.sft.batch_size=4", f"--config.rl.steps={STEPS}",
             "--config.rl.prompts_per_step=4", "--config.rl.samples_per_prompt=2", "--config.rl.max_new_tokens=16",
             "--config.rl.logprob_chunk=16", "--config.eval.size=4", "--config.eval.every=0",
             "--config.eval.before_rl=False", "--config.eval.batch_size=4", "--config.checkpoint.every=1",
