@@ -285,7 +285,7 @@ def test_evaluate_tiny_model_end_to_end(world):
     assert set(result.records[0]) == {
         "id", "category", "question", "gold", "answer", "correct", "vision_confidence", "reasoning_confidence",
         "confidence", "format_ok", "perception_correct", "perception_missing", "perception_wrong", "response",
-        "num_tokens", "truncated"}
+        "num_tokens", "truncated", "difficulty"}
     for record in result.records:
         assert 1 <= record["num_tokens"] <= NEW_TOKENS and isinstance(record["perception_correct"], bool)
         assert record["num_tokens"] == NEW_TOKENS or not record["truncated"]
