@@ -291,7 +291,8 @@ def test_evaluate_tiny_model_end_to_end(world):
         assert record["num_tokens"] == NEW_TOKENS or not record["truncated"]
     overall = result.metrics["overall"]
     assert set(overall) == {"n", "accuracy", "format_rate", "missing_confidence", "truncated", "mean_tokens",
-                            "perception_accuracy", "confidence", "vision", "reasoning", "reasoning_given_perception"}
+                            "perception_accuracy", "by_difficulty", "confidence", "vision", "reasoning",
+                            "reasoning_given_perception"}
     assert set(overall["confidence"]) == {"n", "missing", "mean_confidence", "ece", "auroc", "brier", "aurc",
                                           "ece_low", "ece_high", "auroc_low", "auroc_high", "bins_over_10pct"}
     block = overall["confidence"]
