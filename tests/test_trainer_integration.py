@@ -43,8 +43,12 @@ def tiny_config(workdir):
     c.model.init.vision.depth = 1
     # long enough that most samples state a vision span (TAR and R_vis then have tokens to act on)
     c.sft.steps = 100
-    c.sft.caption_steps = 0  # every warm-start row in the full format, as this test's spans need
+    # the demo's image curriculum off and its earlier world: every warm-start row in the full format
+    # with short vision spans, so that 40-token samples end with their confidences (rewards differ)
+    c.sft.caption_steps = 0
     c.sft.caption_fraction = 0.0
+    c.sft.inventory = False
+    c.data.scene.update(max_objects=5, size_scale=1.0, shapes=("circle", "square", "triangle"))
     c.sft.batch_size = 8
     c.sft.warmup_steps = 2
     c.rl.steps = 1
