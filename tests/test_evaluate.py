@@ -268,6 +268,7 @@ def test_baseline_modes_and_undefined_auroc(world):
     assert summary["accuracy"] == 1.0 and summary["confidence"]["mean_confidence"] == pytest.approx(0.7)
     assert summary["confidence"]["auroc"] is None  # every answer right: undefined, not an error
     assert summary["vision"] is None and summary["reasoning"] is None
+    assert summary["perception_accuracy"] is None  # no <vision> span in the format: not scored (not 0)
     plain = ev.summarize(ev.score_responses(examples, ["<think>x</think> \\boxed{no}"] * 3, mode="plain"), "plain")
     assert plain["overall"]["confidence"] is None and plain["overall"]["missing_confidence"] is None
     with pytest.raises(ValueError, match="3 examples but 2 responses"):

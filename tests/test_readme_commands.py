@@ -35,7 +35,8 @@ DEMO = "python -m vlcal_jax.train --config experiments/cpu_demo.py"
 WORKDIR = os.path.join("outputs", "cpu_demo")
 # only shorten the demo: tiny model, few scenes, 4 RL steps, a checkpoint and an eval every 2
 SHORT = ("--config.data.num_examples=48 --config.model.init.text.num_hidden_layers=1 "
-         "--config.model.init.vision.depth=1 --config.sft.steps=2 --config.sft.caption_steps=1 --config.sft.batch_size=4 "
+         "--config.model.init.vision.depth=1 --config.sft.steps=2 --config.sft.caption_steps=1 "
+         "--config.sft.batch_size=4 "
          "--config.rl.steps=4 --config.rl.prompts_per_step=2 --config.rl.samples_per_prompt=2 "
          "--config.rl.max_new_tokens=16 --config.rl.logprob_chunk=16 --config.eval.size=4 "
          "--config.eval.batch_size=4 --config.eval.every=2 --config.checkpoint.every=2")

@@ -197,7 +197,8 @@ def score_responses(examples: Sequence, responses: Sequence[str | Generation], *
     Keys: id, category, question, gold, answer (last `\\boxed{}` or None), correct,
     vision_confidence, reasoning_confidence (0..1 or None), confidence (Phi for
     "decoupled", the single score for "rlcr", None when missing or for "plain"),
-    format_ok, perception_correct (None unless the example carries scene facts),
+    format_ok, perception_correct (None unless the example carries scene facts and `mode` is
+    "decoupled", the format with a `<vision>` span),
     perception_missing / perception_wrong (facts not stated / stated wrong), response,
     num_tokens and truncated (None when given plain strings), difficulty (the scene world's
     difficulty score in [0, 1], None for other data).
@@ -209,7 +210,9 @@ def score_responses(examples: Sequence, responses: Sequence[str | Generation], *
         generation = response if isinstance(response, Generation) else Generation(str(response), 0, True)
         text = generation.text
         parsed = rformat.parse_response(text, mode=mode)
-        perception = scenes.score_perception(text, example) if has_scene_facts(example) else None
+        # only the decoupled format states a <vision> span to score; elsewhere perception is unknown, not wrong
+        scored = mode == "decoupled" and has_scene_facts(example)
+        perception = scenes.score_perception(text, example) if scored else None
         records.append({
             "id": example.id,
             "category": example.category or "",

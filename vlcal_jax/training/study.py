@@ -177,10 +177,7 @@ def probe_run(config: ml_collections.ConfigDict) -> dict:
     out["confidence_with_image"] = stated_confidence(records)
     out["confidence_without_image"] = stated_confidence(blank.records)
     out["accuracy_without_image"] = blank.metrics["overall"]["accuracy"]
-    decoupled = config.rl.mode == "decoupled"
-    out["soft_label_auroc"] = soft_label_auroc(model, examples, records, config) if decoupled else None
-    if not decoupled:  # no <vision> span in its format: score_perception would count every answer wrong
-        out["perception_accuracy"] = None
+    out["soft_label_auroc"] = soft_label_auroc(model, examples, records, config) if config.rl.mode == "decoupled" else None
     return out
 
 

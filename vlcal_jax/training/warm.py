@@ -224,7 +224,7 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
         def caption_batch():
             rows = [caption_row(ex) for ex in data.sft_source.take(data.sft_source.block)]
             return encode([ex for ex, _ in rows], [r for _, r in rows], [CAPTION_PROMPT] * len(rows),
-                          response_length=s.caption_length or config.rl.max_new_tokens)
+                          response_length=s.caption_length)
 
         params, loss = _stage(config, model_config, params, writer, caption_batch, s.caption_steps,
                               s.caption_learning_rate, "caption_", first_step=1 - s.caption_steps - s.steps)
