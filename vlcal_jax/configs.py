@@ -33,6 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights and optimizer state (keep float32: see README, precision)
     c.model.compute_dtype = "float32"  # matmuls and activations; the frozen reference model is stored in it
     c.model.remat = False
+    # with remat: keep each layer's saved input in pinned host memory, not HBM (TPU/GPU; the same
+    # values, one device-host copy each way per layer)
+    c.model.remat_offload = False
     # attention kernel: "auto" (Pallas splash on TPU where the shapes allow, else the pure-JAX
     # dense / blockwise kernels), "xla" (always pure JAX), "splash" (always; interpret mode off TPU)
     c.model.attention_impl = "auto"

@@ -63,8 +63,8 @@ def model(config: ml_collections.ConfigDict) -> Model:
         found = model_setup.from_scratch_config(m, vocab)
         source = "config.model.init (from scratch)"
         eos, pad = (vocab.size - len(model_setup.VISION_TOKENS) - 1,), 0
-    return Model(found.replace(dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl), source, eos,
-                 pad)
+    return Model(found.replace(dtype=m.compute_dtype, remat=m.remat, remat_offload=m.remat_offload,
+                               attention_impl=m.attention_impl), source, eos, pad)
 
 
 def patches_per_image(config: ml_collections.ConfigDict, model_config: model_config_lib.ModelConfig) -> int:

@@ -88,12 +88,18 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     dtype: str = "float32"
     remat: bool = False  # recompute each layer in the backward pass (activation memory O(1 layer))
+    # with remat: the layer inputs the backward pass keeps (one [B, T, D] per layer) wait in pinned
+    # host memory instead of HBM (layers.rematerialized)
+    remat_offload: bool = False
     # attention kernel: "xla" (pure JAX), "splash" (Pallas TPU, models/splash.py), "auto" (splash
     # when compiling for TPU and splash.supported(shapes), else xla)
     attention_impl: str = "auto"
     image_processor: ImageProcessorConfig | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
+        if self.remat_offload and not self.remat:
+            raise ValueError("remat_offload=True offloads what remat keeps: set remat=True too "
+                             "(--config.model.remat=True)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
 

@@ -65,7 +65,7 @@ def prepare_inputs(config: ModelConfig, input_ids, attention_mask=None, pixel_va
 def encode_images(config: ModelConfig, params, vis: vision.VisionInputs):
     """Vision tower: (image_embeds [I * P/m^2, D], deepstack [n_ds, I * P/m^2, D])."""
     return vision.vision_tower(config.vision, params["visual"], vis, config.compute_dtype, config.remat,
-                              config.attention_impl)
+                              config.attention_impl, config.remat_offload)
 
 
 def apply(config: ModelConfig, params, inputs: ModelInputs, *, return_hidden: bool = False, return_kv: bool = False):

@@ -203,8 +203,7 @@ def decoder(config: ModelConfig, params, x, cos, sin, key_valid, *, image_slots=
         h, kv = decoder_layer(tc, p, h, cos, sin, key_valid, attention_impl=config.attention_impl)
         return add_deepstack(h, i), (kv if return_kv else None)
 
-    if config.remat:
-        body = jax.checkpoint(body)
+    body = layers.rematerialized(body, config.remat, config.remat_offload)
     x, kv = jax.lax.scan(body, x, (params["text"]["layers"], layer_ids))
     x = layers.rms_norm(x, params["text"]["norm"], tc.rms_norm_eps)
     return x, kv

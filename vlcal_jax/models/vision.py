@@ -184,7 +184,7 @@ def _slice_layers(tree, start, stop):
 
 
 def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.float32, remat: bool = False,
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "xla", remat_offload: bool = False):
     """Runs the tower. Returns (image_embeds [I * P/m^2, D_text], deepstack [n_ds, I * P/m^2, D_text]):
     image i's j-th merged token is row i * P/m^2 + j."""
     x = layers.linear(inputs.pixel_values.astype(dtype), params["patch_embed"]["kernel"],
@@ -196,8 +196,7 @@ def vision_tower(config: VisionConfig, params, inputs: VisionInputs, dtype=jnp.f
     def body(h, p):
         return _block(config, p, h, cos, sin, inputs.patch_mask, attention_impl), None
 
-    if remat:
-        body = jax.checkpoint(body)
+    body = layers.rematerialized(body, remat, remat_offload)
 
     deepstack = []
     start = 0

@@ -40,7 +40,7 @@ def from_scratch_config(m: ml_collections.ConfigDict, tokenizer) -> models.Model
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=m.init.tie_word_embeddings, dtype=m.compute_dtype, remat=m.remat,
-        attention_impl=m.attention_impl)
+        remat_offload=m.remat_offload, attention_impl=m.attention_impl)
 
 
 def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
@@ -50,7 +50,8 @@ def setup_model(config: ml_collections.ConfigDict, data, rng, run_dir):
     pixels = {k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)) if v}
     if m.path:
         model_config, params, tokenizer, image_config = export.load_model_dir(m.path, dtype=jnp.dtype(m.param_dtype))
-        model_config = model_config.replace(dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl)
+        model_config = model_config.replace(dtype=m.compute_dtype, remat=m.remat, remat_offload=m.remat_offload,
+                                            attention_impl=m.attention_impl)
         if pixels:
             image_config = dataclasses.replace(image_config, **pixels)
         return tokenizer, model_config.replace(image_processor=image_config), params, image_config
