@@ -184,3 +184,30 @@ def test_multi_host_slices_refuse_sizes_the_trainer_would_refuse():
     with pytest.raises(ValueError, match=r"rl.rollout_batch_size=4 must be a multiple of 8 .*--config.rl.rollout_batch_size=8"):
         plan.check_hosts(Sizes(**{**sizes.__dict__, "micro_batch": 64}), 8)
     plan.check_hosts(Sizes(**{**sizes.__dict__, "micro_batch": 64, "rollout_batch": 8}), 8)
+
+
+def test_update_roofline_counts_fsdp_and_remat_offload_traffic():
+    """The update's roofline time is the largest of compute, HBM, ICI (FSDP's gathers and
+    reduce-scatters) and PCIe (remat offload) time, each re-derived here by hand."""
+    from vlcal_jax.fit import costs, topology
+    from vlcal_jax.models import presets
+
+    config = presets.get("Qwen3-VL-4B-Instruct").replace(dtype="bfloat16", remat=True, remat_offload=True)
+    t, v = config.text, config.vision
+    # 2 rows per chip of 6144 tokens, one 4096-patch image per row: every layer input out and back, bf16
+    host = costs.offload_bytes(config, rows_per_chip=2, length=6144, images_per_chip=2, patches=4096)
+    assert host == 2 * 2 * (t.num_hidden_layers * 2 * 6144 * t.hidden_size + v.depth * 2 * 4096 * v.hidden_size)
+    assert costs.offload_bytes(config.replace(remat_offload=False), rows_per_chip=2, length=6144,
+                               images_per_chip=2, patches=4096) == 0
+    assert costs.fsdp_bytes(8e9, 16e9, 4) == 0.75 * (2 * 8e9 + 16e9) and costs.fsdp_bytes(8e9, 16e9, 1) == 0
+    chip = topology.CHIPS["v4"]
+    kwargs = dict(rows=8, micro_batches=3, length=6144, response_len=4096, images=8, patches=4096,
+                  weight_bytes=8e9, optimizer_bytes=5e10)
+    plain = costs.update(config, chip, 4, **kwargs)
+    assert plain.bound == "compute" and plain.time == pytest.approx(plain.hardware_flops / 4 / chip.peak_flops)
+    slow_link = costs.update(config, chip, 4, **kwargs, host_bytes=1e12)  # 1 TB per micro-batch over PCIe
+    assert slow_link.bound == "host" and slow_link.time == pytest.approx(3 * 1e12 / chip.host_bandwidth)
+    assert slow_link.host_bytes_per_chip == 3e12
+    gathers = costs.update(config, chip, 4, **kwargs, ici_bytes=1e13)
+    assert gathers.bound == "ICI" and gathers.time == pytest.approx(3e13 / chip.ici_bandwidth)
+    assert gathers.mfu(chip, 4) < plain.mfu(chip, 4) == pytest.approx(0.75)  # remat: 3 of 4 passes count

@@ -16,7 +16,12 @@ which the hardware does (time) but MFU does not count.
 
 HBM bytes count weights, the KV cache and the optimizer state, not activations, so the times
 are lower bounds: time = max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip, with the
-work split evenly over the chips (perfect FSDP) and collectives not modelled.
+work split evenly over the chips (perfect FSDP). The update also counts what it moves off the
+chip, overlapped with its compute as XLA schedules it (async collectives, offload copies):
+FSDP's traffic over ICI (per micro-batch each chip receives (n - 1) / n of the compute-dtype
+weights twice, gathered for the forward and again for the backward pass, and of the gradients
+once, reduce-scattered) and, with remat offload, the layer inputs it copies to host memory and
+back over PCIe, with the micro-batch's pixels when they wait in host memory.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Cost:
     hardware_flops: float
     bytes_per_chip: float
     time: float
+    ici_bytes_per_chip: float = 0.0
+    host_bytes_per_chip: float = 0.0
+    bound: str = "compute"  # what the time is: "compute", "HBM", "ICI" or "host" (PCIe) bound
 
     def mfu(self, chip: Chip, chips: int) -> float:
         return self.model_flops / (self.time * chip.peak_flops * chips) if self.time else 0.0
@@ -70,6 +78,34 @@ def _time(flops: float, bytes_: float, chip: Chip, chips: int) -> float:
     return max(flops / chips / chip.peak_flops, bytes_ / chip.hbm_bandwidth)
 
 
+def _bound(flops: float, bytes_: float, ici_bytes: float, host_bytes: float, chip: Chip,
+           chips: int) -> tuple[float, str]:
+    times = {"compute": flops / chips / chip.peak_flops, "HBM": bytes_ / chip.hbm_bandwidth,
+             "ICI": ici_bytes / chip.ici_bandwidth, "host": host_bytes / chip.host_bandwidth}
+    name = max(times, key=times.get)
+    return times[name], name
+
+
+def fsdp_bytes(weight_bytes: float, grad_bytes: float, shards: int) -> float:
+    """Bytes one chip receives over ICI per micro-batch of the update under FSDP over `shards`
+    chips: the compute-dtype weights all-gathered twice (forward; backward, which recomputes
+    under remat) and the gradients reduce-scattered once (ring collectives)."""
+    return (shards - 1) / shards * (2 * weight_bytes + grad_bytes) if shards > 1 else 0.0
+
+
+def offload_bytes(config: ModelConfig, *, rows_per_chip: int, length: int, images_per_chip: int,
+                  patches: int) -> float:
+    """Bytes one chip copies over PCIe per micro-batch with `remat_offload`: every layer's input
+    [rows, T, D] (and every vision block's [P, Dv] per image) out in the forward pass and back
+    in the backward pass."""
+    if not (config.remat and config.remat_offload):
+        return 0.0
+    t, v, size = config.text, config.vision, config.compute_dtype.itemsize
+    per_pass = (t.num_hidden_layers * rows_per_chip * length * t.hidden_size
+                + v.depth * images_per_chip * patches * v.hidden_size) * size
+    return 2 * per_pass
+
+
 def sampler(config: ModelConfig, chip: Chip, chips: int, *, prompts: int, samples: int, prompt_len: int,
             new_tokens: int, images: int, patches: int, weight_bytes: float, text_weight_bytes: float,
             kv_bytes_per_chip: float, decode_rows: int = 0) -> Cost:
@@ -85,10 +121,10 @@ def sampler(config: ModelConfig, chip: Chip, chips: int, *, prompts: int, sample
     steps = (new_tokens - 1) * -(-rows // per_step)
     mean_context = prompt_len + new_tokens / 2
     decode = steps * per_step * (text_token_flops(config, mean_context) + head_token_flops(config))
-    time = _time(prefill, weight_bytes, chip, chips) + steps * _time(
-        decode / max(steps, 1), text_weight_bytes + kv_bytes_per_chip, chip, chips)
+    step_time, bound = _bound(decode / max(steps, 1), text_weight_bytes + kv_bytes_per_chip, 0, 0, chip, chips)
+    time = _time(prefill, weight_bytes, chip, chips) + steps * step_time
     return Cost(prefill + decode, prefill + decode, weight_bytes + steps * (text_weight_bytes + kv_bytes_per_chip),
-                time)
+                time, bound=bound)
 
 
 def score(config: ModelConfig, chip: Chip, chips: int, *, rows: int, samples: int, length: int, response_len: int,
@@ -100,14 +136,20 @@ def score(config: ModelConfig, chip: Chip, chips: int, *, rows: int, samples: in
                                       rows * response_len)
     flops = 2 * clean + perturbed
     passes = 2 + vce_k
-    return Cost(flops, flops, passes * weight_bytes, _time(flops, passes * weight_bytes, chip, chips))
+    time, bound = _bound(flops, passes * weight_bytes, 0, 0, chip, chips)
+    return Cost(flops, flops, passes * weight_bytes, time, bound=bound)
 
 
 def update(config: ModelConfig, chip: Chip, chips: int, *, rows: int, micro_batches: int, length: int,
-           response_len: int, images: int, patches: int, weight_bytes: float, optimizer_bytes: float) -> Cost:
+           response_len: int, images: int, patches: int, weight_bytes: float, optimizer_bytes: float,
+           ici_bytes: float = 0.0, host_bytes: float = 0.0) -> Cost:
     """Forward + backward of `micro_batches` micro-batches of `rows` rows, one optimizer update.
-    `optimizer_bytes`: this chip's bytes read and written by the update (params, grads, moments)."""
+    `optimizer_bytes`: this chip's bytes read and written by the update (params, grads, moments);
+    `ici_bytes` / `host_bytes`: what one chip moves over ICI / PCIe per micro-batch."""
     forward = micro_batches * forward_flops(config, rows, length, images, patches, rows * response_len)
     passes = 4 if config.remat else 3
     bytes_ = micro_batches * passes * weight_bytes + optimizer_bytes
-    return Cost(3 * forward, passes * forward, bytes_, _time(passes * forward, bytes_, chip, chips))
+    time, bound = _bound(passes * forward, bytes_, micro_batches * ici_bytes, micro_batches * host_bytes, chip,
+                         chips)
+    return Cost(3 * forward, passes * forward, bytes_, time, micro_batches * ici_bytes, micro_batches * host_bytes,
+                bound)

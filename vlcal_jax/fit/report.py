@@ -75,9 +75,17 @@ def step_costs(setup: Setup, sizes: Sizes, tpu: Slice) -> dict[str, tuple[int, c
     score = costs.score(c, chip, chips, rows=sizes.micro_batch, samples=sizes.samples, length=length,
                         response_len=sizes.response_len, images=micro_images, patches=sizes.patches,
                         vce_k=setup.rl.vce_k, weight_bytes=weights)
+    shards = setup.batch_shards
+    per_chip = lambda count: -(-count // shards)  # noqa: E731
+    host = costs.offload_bytes(c, rows_per_chip=per_chip(sizes.micro_batch), length=length,
+                               images_per_chip=per_chip(micro_images), patches=sizes.patches)
+    if setup.rl.offload_pixels and sizes.micro_batches > 1:  # the micro-batch's pixels come in from host memory
+        host += per_chip(micro_images) * sizes.patches * c.vision.patch_dim * c.compute_dtype.itemsize
+    ici = costs.fsdp_bytes(weights, programs.total_bytes(setup.params), setup.mesh.shape["fsdp"])
     update = costs.update(c, chip, chips, rows=sizes.micro_batch, micro_batches=sizes.micro_batches, length=length,
                           response_len=sizes.response_len, images=micro_images, patches=sizes.patches,
-                          weight_bytes=weights, optimizer_bytes=7 * programs.shard_bytes(setup.params))
+                          weight_bytes=weights, optimizer_bytes=7 * programs.shard_bytes(setup.params),
+                          ici_bytes=ici, host_bytes=host)
     return {"sampler": (sizes.rollout_chunks, sampler), "score": (sizes.micro_batches, score), "update": (1, update)}
 
 
@@ -98,7 +106,9 @@ def time_record(setup: Setup, sizes: Sizes, tpu: Slice) -> dict:
     out, flops, seconds = {}, 0.0, 0.0
     for name, (calls, cost) in step_costs(setup, sizes, tpu).items():
         out[name] = {"calls": calls, "model_flops": cost.model_flops, "hardware_flops": cost.hardware_flops,
-                     "bytes_per_chip": cost.bytes_per_chip, "seconds": cost.time, "mfu": cost.mfu(chip, chips)}
+                     "bytes_per_chip": cost.bytes_per_chip, "ici_bytes_per_chip": cost.ici_bytes_per_chip,
+                     "host_bytes_per_chip": cost.host_bytes_per_chip, "bound": cost.bound, "seconds": cost.time,
+                     "mfu": cost.mfu(chip, chips)}
         flops += calls * cost.model_flops
         seconds += calls * cost.time
     out["step"] = {"model_flops": flops, "seconds": seconds,
@@ -111,11 +121,11 @@ def time_table(setup: Setup, sizes: Sizes, tpu: Slice) -> str:
     labels = {"sampler": f"sampler ({sizes.rollout_batch} prompts)", "score": f"score ({sizes.micro_batch} rows)",
               "update": f"update ({sizes.micro_batches} x {sizes.micro_batch} rows)"}
     out = [f"{'roofline: time >=, MFU <=':<32}{'calls':>7}{'PFLOP/call':>12}{'s/call':>10}{'s/step':>10}"
-           f"{'MFU':>7}"]
+           f"{'MFU':>7}  bound"]
     for name in PROGRAMS:
         r = record[name]
         out.append(f"{labels[name]:<32}{r['calls']:>7}{r['model_flops'] / 1e15:>12.2f}{r['seconds']:>10.2f}"
-                   f"{r['calls'] * r['seconds']:>10.1f}{r['mfu']:>7.2f}")
+                   f"{r['calls'] * r['seconds']:>10.1f}{r['mfu']:>7.2f}  {r['bound']}")
     r = record["step"]
     out.append(f"{'RL step':<32}{'':>7}{r['model_flops'] / 1e15:>12.2f}{'':>10}{r['seconds']:>10.1f}{r['mfu']:>7.2f}")
     return "\n".join(out)

@@ -16,19 +16,28 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Per-chip peak figures: bfloat16 FLOP/s, HBM bytes/s and HBM bytes."""
+    """Per-chip peak figures: bfloat16 FLOP/s, HBM bytes/s, HBM bytes; `ici_bandwidth`, the bytes/s
+    one chip's share of a slice-wide all-reduce moves (Cloud TPU's all-reduce bandwidth per pod over
+    its chips); `host_bandwidth`, the chip's PCIe link to its host, one direction."""
 
     name: str
     peak_flops: float
     hbm_bandwidth: float
     hbm_bytes: int
+    ici_bandwidth: float
+    host_bandwidth: float
 
 
+# Cloud TPU's system-architecture pages (docs.cloud.google.com/tpu/docs/v4, v5e, v5p, v6e): peak
+# bf16 compute, HBM, all-reduce bandwidth per pod / pod chips (v4 1.1 PB/s / 4096, v5e 51.2 TB/s /
+# 256, v6e 102.4 TB/s / 256; v5p: half its 1200 GB/s bidirectional ICI, as v5e's and v6e's figures
+# are of theirs). PCIe x16: v4 Gen3 (the TPU v4 paper), v6e Gen5 (its page); v5e and v5p are
+# taken as Gen4, which their pages do not state.
 CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 1.2e12, 32 * GIB),
-    "v5e": Chip("TPU v5e", 197e12, 0.82e12, 16 * GIB),
-    "v5p": Chip("TPU v5p", 459e12, 2.76e12, 95 * GIB),
-    "v6e": Chip("TPU v6e", 918e12, 1.64e12, 32 * GIB),
+    "v4": Chip("TPU v4", 275e12, 1.2e12, 32 * GIB, 1.1e15 / 4096, 15.75e9),
+    "v5e": Chip("TPU v5e", 197e12, 0.82e12, 16 * GIB, 51.2e12 / 256, 31.5e9),
+    "v5p": Chip("TPU v5p", 459e12, 2.76e12, 95 * GIB, 600e9, 31.5e9),
+    "v6e": Chip("TPU v6e", 918e12, 1.64e12, 32 * GIB, 102.4e12 / 256, 63e9),
 }
 
 

@@ -123,9 +123,12 @@ def rotate_half(x):
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotary embedding of x [..., H, D] with cos/sin [..., D] broadcast over heads, in float32."""
-    x32 = x.astype(jnp.float32)
-    cos = cos[..., None, :].astype(jnp.float32)
-    sin = sin[..., None, :].astype(jnp.float32)
-    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+def apply_rotary(x, cos, sin, dtype=jnp.float32):
+    """Rotary embedding of x [..., H, D] with cos/sin [..., D] broadcast over heads, computed in
+    `dtype`: HF's Qwen3-VL rotates the vision tower's q/k in float32 and the text model's in the
+    activations' dtype (cos/sin cast to it), which in bfloat16 also halves the [B, T, H, hd]
+    temporaries its backward pass keeps."""
+    xd = x.astype(dtype)
+    cos = cos[..., None, :].astype(dtype)
+    sin = sin[..., None, :].astype(dtype)
+    return (xd * cos + rotate_half(xd) * sin).astype(x.dtype)

@@ -73,8 +73,8 @@ def decoder_layer(config: TextConfig, p, x, cos, sin, key_valid, kv=None, write_
     k = layers.linear(h, attn["k_proj"]["kernel"], attn["k_proj"].get("bias")).reshape(batch, length, -1, hd)
     v = layers.linear(h, attn["v_proj"]["kernel"], attn["v_proj"].get("bias")).reshape(batch, length, -1, hd)
     q, k, v = (parallel.constrain(a, "batch", None, "tensor", None) for a in (q, k, v))  # heads over "tensor"
-    q = layers.apply_rotary(layers.rms_norm(q, attn["q_norm"], config.rms_norm_eps), cos, sin)
-    k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin)
+    q = layers.apply_rotary(layers.rms_norm(q, attn["q_norm"], config.rms_norm_eps), cos, sin, q.dtype)
+    k = layers.apply_rotary(layers.rms_norm(k, attn["k_norm"], config.rms_norm_eps), cos, sin, k.dtype)
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if kv is not None:
         token_major = kv_layout == "token"
