@@ -15,8 +15,10 @@ def get_config():
     c = experiment_config(os.path.join(os.path.dirname(__file__), "tpu_v4.py"))
     c.workdir = os.environ.get("VLCAL_WORKDIR", "outputs/tpu_v5p_qwen3vl4b")
     # 95 GiB per chip: the v4-8's memory savers are not needed; whole-group micro-batches of 8 rows
-    # (fewer, larger matmuls), pixels on the chips, AdamW moments in float32 (what fit measured)
+    # (fewer, larger matmuls), pixels and the remat stack on the chips, AdamW moments in float32
+    # (what fit measured)
     c.rl.micro_batch_size = 8
     c.rl.offload_pixels = False
+    c.model.remat_offload = False
     c.rl.adam_mu_dtype = ""
     return c

@@ -22,5 +22,6 @@ def get_config():
     # (fewer, larger matmuls), pixels on the chips, AdamW moments in float32 (what fit measured)
     c.rl.micro_batch_size = 8
     c.rl.offload_pixels = False
+    c.model.remat_offload = False
     c.rl.adam_mu_dtype = ""
     return c

@@ -211,3 +211,13 @@ def test_update_roofline_counts_fsdp_and_remat_offload_traffic():
     gathers = costs.update(config, chip, 4, **kwargs, ici_bytes=1e13)
     assert gathers.bound == "ICI" and gathers.time == pytest.approx(3e13 / chip.ici_bandwidth)
     assert gathers.mfu(chip, 4) < plain.mfu(chip, 4) == pytest.approx(0.75)  # remat: 3 of 4 passes count
+
+
+@needs_libtpu
+def test_programs_flag_compiles_only_the_update(tmp_path):
+    proc, records = _fit(tmp_path, "--topology=v4-8", "--programs=update")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = records[0]
+    assert record["fits"] and record["programs"] == ["update"] and list(record["memory"]) == ["update"]
+    assert "fits v4-8 (update only): peak" in proc.stdout
+    assert "compiling sampler" not in proc.stderr and "compiling update" in proc.stderr

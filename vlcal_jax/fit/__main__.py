@@ -11,6 +11,7 @@ prints what is live per chip during each program against HBM, then a roofline ti
 program and per RL step with its MFU. Exit status 1 when something does not fit; the message
 names the largest rl.micro_batch_size and rl.rollout_batch_size found to fit (a few more
 compiles per program, --search_compiles; refusals come back in seconds, fits in minutes).
+`--programs=update` (or any subset) compiles and reports only those programs.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _TOPOLOGY = flags.DEFINE_list("topology", None, "TPU slices to compile for, e.g.
 _JSON = flags.DEFINE_string("json", "", "also write the tables to this file (bytes per chip, FLOPs, seconds)")
 _SHARD_INPUTS = flags.DEFINE_bool("shard_inputs", False, "compile the sampler and scoring with their inputs' rows "
                                   "split over the batch axes (the run passes host arrays, laid out by XLA)")
+_PROGRAMS = flags.DEFINE_list("programs", list(report.PROGRAMS), "the programs to compile (sampler, score, update); "
+                               "a subset reports only those, e.g. --programs=update while sizing the update")
 _COMPILES = flags.DEFINE_integer("search_compiles", 3, "when a size does not fit: compiles spent per program on "
                                                        "finding the largest one that does")
 
@@ -91,19 +94,28 @@ def fit(config, name: str, compiles: int) -> dict:
                            pad_token_id=model.pad_token_id, shard_inputs=_SHARD_INPUTS.value,
                            offload_reference=config.model.offload_reference)
     hbm, gib = tpu.chip.hbm_bytes, topology.GIB
-    live = {p: memory.measure(setup, sizes, p) for p in report.PROGRAMS}
+    chosen = [p for p in report.PROGRAMS if p in _PROGRAMS.value]
+    unknown = sorted(set(_PROGRAMS.value) - set(report.PROGRAMS))
+    if unknown or not chosen:
+        raise app.UsageError(f"--programs={','.join(_PROGRAMS.value)}: expected some of {', '.join(report.PROGRAMS)}")
+    live = {p: memory.measure(setup, sizes, p) for p in chosen}
     record = {"topology": tpu.name, "chips": tpu.num_chips, "hbm_bytes": hbm, "model": model.source,
-              "shard_inputs": setup.shard_inputs,
+              "shard_inputs": setup.shard_inputs, "programs": chosen,
               "param_dtype": config.model.param_dtype, "compute_dtype": model.config.dtype,
               "mesh": dict(mesh.shape), "sizes": dataclasses.asdict(sizes), "memory": report.memory_record(live),
               "time": report.time_record(setup, sizes, tpu), "fits": False, "fitting_sizes": None}
     print(report.header(tpu, setup, model.source, config.model.param_dtype, sizes))
     print(report.memory_table(live, hbm))
     print(report.time_table(setup, sizes, tpu))
+    only = "" if len(chosen) == len(report.PROGRAMS) else f" ({', '.join(chosen)} only)"
     if all(memory.fits(x, hbm) for x in live.values()):
-        print(f"fits {tpu.name}: peak {max(x.total for x in live.values()) / gib:.2f} of {hbm / gib:.0f} GiB "
+        print(f"fits {tpu.name}{only}: peak {max(x.total for x in live.values()) / gib:.2f} of {hbm / gib:.0f} GiB "
               "per chip\n", flush=True)
         record["fits"] = True
+        return record
+    if only:
+        print(f"DOES NOT FIT {tpu.name}{only}; the search for sizes that fit compiles every program (drop "
+              "--programs)\n", flush=True)
         return record
     resident = max(memory.Resident.of(setup).total(p) for p in report.PROGRAMS)
     if resident > hbm:
