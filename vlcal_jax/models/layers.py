@@ -123,11 +123,13 @@ def rotate_half(x):
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rotary(x, cos, sin, dtype=jnp.float32):
+def apply_rotary(x, cos, sin, dtype=None):
     """Rotary embedding of x [..., H, D] with cos/sin [..., D] broadcast over heads, computed in
     `dtype`: HF's Qwen3-VL rotates the vision tower's q/k in float32 and the text model's in the
     activations' dtype (cos/sin cast to it), which in bfloat16 also halves the [B, T, H, hd]
-    temporaries its backward pass keeps."""
+    temporaries its backward pass keeps. None: float32 (looked up per call, so a test that aliases
+    jnp.float32 to float64 gets float64)."""
+    dtype = jnp.float32 if dtype is None else dtype
     xd = x.astype(dtype)
     cos = cos[..., None, :].astype(dtype)
     sin = sin[..., None, :].astype(dtype)
