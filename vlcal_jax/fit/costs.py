@@ -74,16 +74,16 @@ def forward_flops(config: ModelConfig, rows: int, length: int, images: int, patc
             + head_tokens * head_token_flops(config))
 
 
-def _time(flops: float, bytes_: float, chip: Chip, chips: int) -> float:
-    return max(flops / chips / chip.peak_flops, bytes_ / chip.hbm_bandwidth)
-
-
 def _bound(flops: float, bytes_: float, ici_bytes: float, host_bytes: float, chip: Chip,
            chips: int) -> tuple[float, str]:
     times = {"compute": flops / chips / chip.peak_flops, "HBM": bytes_ / chip.hbm_bandwidth,
              "ICI": ici_bytes / chip.ici_bandwidth, "host": host_bytes / chip.host_bandwidth}
     name = max(times, key=times.get)
     return times[name], name
+
+
+def _time(flops: float, bytes_: float, chip: Chip, chips: int) -> float:
+    return _bound(flops, bytes_, 0, 0, chip, chips)[0]
 
 
 def fsdp_bytes(weight_bytes: float, grad_bytes: float, shards: int) -> float:
