@@ -29,6 +29,8 @@ EXTRAS = {
     # torch is pinned to the CPU wheel used for parity tests only; any other pin pulls CUDA.
     "test": [
         "pytest>=8",
+        # the test run's two workers (pytest.ini: -n 2, one test file per worker at a time)
+        "pytest-xdist>=3.5",
         "torch==2.13.0",
         "scikit-learn>=1.4",
         "torchmetrics>=1.4",

@@ -241,6 +241,10 @@ def test_metrics_match_independent_recomputation(world, monkeypatch, tmp_path):
     assert overall["by_difficulty"]["accuracy"] == pytest.approx(fifths)
     assert overall["by_difficulty"]["gap"] == pytest.approx(fifths[0] - fifths[-1])
     assert ev.accuracy_by_difficulty([dict(r, difficulty=None) for r in records]) is None
+    assert [r["question_type"] for r in records] == [s.question_type for s in samples]
+    typed = overall["by_question_type"]
+    assert typed["accuracy"] == {t: pytest.approx(gold_in_box[[s.question_type == t for s in samples]].mean())
+                                 for t in {s.question_type for s in samples}}
     for category, group in result.metrics["categories"].items():
         members = [i for i, s in enumerate(samples) if f"scenes/{s.kind}" == category]
         assert group["n"] == len(members)
@@ -286,13 +290,14 @@ def test_evaluate_tiny_model_end_to_end(world):
     assert set(result.records[0]) == {
         "id", "category", "question", "gold", "answer", "correct", "vision_confidence", "reasoning_confidence",
         "confidence", "format_ok", "perception_correct", "perception_missing", "perception_wrong", "response",
-        "num_tokens", "truncated", "difficulty"}
+        "num_tokens", "truncated", "difficulty", "question_type"}
     for record in result.records:
         assert 1 <= record["num_tokens"] <= NEW_TOKENS and isinstance(record["perception_correct"], bool)
         assert record["num_tokens"] == NEW_TOKENS or not record["truncated"]
     overall = result.metrics["overall"]
     assert set(overall) == {"n", "accuracy", "format_rate", "missing_confidence", "truncated", "mean_tokens",
-                            "perception_accuracy", "by_difficulty", "confidence", "vision", "reasoning",
+                            "perception_accuracy", "by_difficulty", "by_question_type", "confidence", "vision",
+                            "reasoning",
                             "reasoning_given_perception"}
     assert set(overall["confidence"]) == {"n", "missing", "mean_confidence", "ece", "auroc", "brier", "aurc",
                                           "ece_low", "ece_high", "auroc_low", "auroc_high", "bins_over_10pct"}
@@ -336,3 +341,24 @@ def test_evaluate_cli_errors(model_dir, tmp_path):
                            "--data_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="top_p=1.5"):
         ev.evaluate(None, None, None, None, [object()], top_p=1.5)
+
+
+def test_question_type_ceiling_is_the_cross_fitted_auroc_of_type_accuracy():
+    # ids in order, the two folds alternate by id; three types of different accuracy
+    rng = np.random.default_rng(0)
+    types = rng.choice(["a", "b", "c"], size=60)
+    rate = {"a": 0.9, "b": 0.3, "c": 0.6}
+    correct = np.array([rng.random() < rate[t] for t in types])
+    records = [{"id": f"x-{i:03d}", "question_type": t, "correct": bool(c)} for i, (t, c) in enumerate(zip(types, correct))]
+    shuffled = [records[i] for i in rng.permutation(len(records))]  # the order given does not matter
+    result = ev.accuracy_by_question_type(shuffled)
+    # independent re-derivation: each half scored by the other half's per-type accuracy
+    score = np.zeros(len(records))
+    for i in range(len(records)):
+        other = [j for j in range(len(records)) if j % 2 != i % 2 and types[j] == types[i]]
+        score[i] = correct[other].mean()
+    assert result["auroc_ceiling"] == pytest.approx(roc_auc_score(correct, score), abs=1e-12)
+    assert result["auroc_ceiling"] > 0.6  # the types do separate right from wrong here
+    assert result["accuracy"] == {t: pytest.approx(correct[types == t].mean()) for t in "abc"}
+    assert ev.accuracy_by_question_type([dict(r, question_type=None) for r in records]) is None
+    assert ev.accuracy_by_question_type([dict(r, correct=True) for r in records]) is None

@@ -201,7 +201,8 @@ def score_responses(examples: Sequence, responses: Sequence[str | Generation], *
     "decoupled", the format with a `<vision>` span),
     perception_missing / perception_wrong (facts not stated / stated wrong), response,
     num_tokens and truncated (None when given plain strings), difficulty (the scene world's
-    difficulty score in [0, 1], None for other data).
+    difficulty score in [0, 1], None for other data), question_type (the scene world's question
+    type, None for other data).
     """
     if len(examples) != len(responses):
         raise ValueError(f"{len(examples)} examples but {len(responses)} responses; pass one response each")
@@ -229,6 +230,7 @@ def score_responses(examples: Sequence, responses: Sequence[str | Generation], *
             "perception_missing": None if perception is None else list(perception.missing),
             "perception_wrong": None if perception is None else list(perception.wrong),
             "difficulty": _difficulty(example),
+            "question_type": (example.meta or {}).get("question_type"),
             "response": text,
             "num_tokens": generation.num_tokens if isinstance(response, Generation) else None,
             "truncated": (not generation.finished) if isinstance(response, Generation) else None,
@@ -251,6 +253,33 @@ def accuracy_by_difficulty(records: Sequence[dict[str, Any]], parts: int = 5) ->
     ranked = sorted(scored, key=lambda r: (r["difficulty"], r["id"]))
     accuracy = [float(np.mean([r["correct"] for r in chunk])) for chunk in np.array_split(np.array(ranked), parts)]
     return {"accuracy": accuracy, "gap": accuracy[0] - accuracy[-1]}
+
+
+def accuracy_by_question_type(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Accuracy per question type of the scene world, and the ranking a confidence could reach
+    knowing nothing but the question type: "auroc_ceiling", the AUROC against correctness of each
+    record's question-type accuracy measured on the other half of the records (two folds by
+    id order, so a record never scores with its own outcome). A stated confidence that ranks
+    errors better than this uses more than the question (its own perception, the scene); one
+    below it has not learnt even which questions are hard. None without question types, or
+    when every answer is right or every one wrong."""
+    typed = sorted((r for r in records if r.get("question_type")), key=lambda r: r["id"])
+    correct = np.array([r["correct"] for r in typed], bool)
+    if len(typed) < 2 or correct.all() or not correct.any():
+        return None
+    types = [r["question_type"] for r in typed]
+    fold = np.arange(len(typed)) % 2
+    score = np.empty(len(typed))
+    for f in (0, 1):
+        other = {t: [] for t in types}
+        for t, c, k in zip(types, correct, fold):
+            if k != f:
+                other[t].append(c)
+        prior = float(correct[fold != f].mean())
+        for i in np.flatnonzero(fold == f):
+            score[i] = float(np.mean(other[types[i]])) if other[types[i]] else prior
+    accuracy = {t: float(np.mean([c for u, c in zip(types, correct) if u == t])) for t in sorted(set(types))}
+    return {"accuracy": accuracy, "auroc_ceiling": float(m.auroc(score, correct))}
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -291,7 +320,8 @@ def group_metrics(records: Sequence[dict[str, Any]], mode: str = "decoupled") ->
 
     n, accuracy, format_rate, missing_confidence, truncated (count; None if unknown),
     mean_tokens, perception_accuracy (None without scene facts), by_difficulty
-    (`accuracy_by_difficulty`, None without scene difficulty scores), and calibration blocks
+    (`accuracy_by_difficulty`, None without scene difficulty scores), by_question_type
+    (`accuracy_by_question_type`, None without scene question types), and calibration blocks
     (`calibration_metrics`, None where they do not apply):
       confidence: Phi (or the RLCR score) vs answer correctness; the paper's metric.
       vision: vision confidence vs perception correctness (scene-world records only).
@@ -314,6 +344,7 @@ def group_metrics(records: Sequence[dict[str, Any]], mode: str = "decoupled") ->
         "mean_tokens": float(np.mean(tokens)) if tokens else None,
         "perception_accuracy": float(np.mean([r["perception_correct"] for r in seen])) if seen else None,
         "by_difficulty": accuracy_by_difficulty(records),
+        "by_question_type": accuracy_by_question_type(records),
         "confidence": None, "vision": None, "reasoning": None, "reasoning_given_perception": None,
     }
     if mode != "plain":
