@@ -85,3 +85,21 @@ def test_teacher_rows_turn_picked_rows_into_captions_and_encode(world):  # noqa:
                                     length_buckets=(1024,), num_images=len(rows))
     for i in captions:
         assert "Describe the image." in batch.texts[i] and not re.search(r"How many|Is there|colour", batch.texts[i])
+
+
+def test_cut_warm_start_rows_are_counted_and_named_once(world, caplog):  # noqa: F811
+    _, tokenizer, _, _, _ = world
+    inventories = [f"<vision>{warm.scene_inventory(s.to_example())}</vision>" for s in SAMPLES[:20]]
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in inventories]
+    length = sorted(lengths)[10]  # room for the shorter half's tokens, one of them EOS
+    cut = warm.truncated_rows(tokenizer, inventories, length)
+    assert cut == sum(n > length - 1 for n in lengths) and 0 < cut < len(inventories)
+    tokens, kept = warm.encode_responses(tokenizer, inventories, length, 1, 0)
+    assert sum(k == length and n >= length for k, n in zip(kept, lengths)) == cut  # what encode_responses cuts
+    with caplog.at_level("WARNING", logger="vlcal_jax.train"):
+        assert warm.warn_truncated(cut, len(inventories), length, "sft.caption_length")
+        assert not warm.warn_truncated(cut, len(inventories), length, "sft.caption_length")  # once
+        assert not warm.warn_truncated(0, len(inventories), length + 1, "sft.caption_length")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{cut} of 20 warm-start responses in a batch are longer than {length} tokens and are cut (their tail and "
+        "end-of-turn are not learnt): raise sft.caption_length"]

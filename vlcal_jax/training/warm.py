@@ -82,6 +82,25 @@ def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: i
     return tokens, lengths
 
 
+def truncated_rows(tokenizer, responses: Sequence[str], length: int) -> int:
+    """How many `responses` encode_responses cuts at `length` tokens (their tail and EOS unlearnt)."""
+    return sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) > length - 1 for r in responses)
+
+
+_WARNED_CUTS: set = set()
+
+
+def warn_truncated(cut: int, total: int, length: int, knob: str) -> bool:
+    """Logs, once per (knob, length) in a process, that `cut` of `total` warm-start responses are
+    longer than `length` tokens and names the knob that lengthens them; -> whether it logged."""
+    if not cut or (knob, length) in _WARNED_CUTS:
+        return False
+    _WARNED_CUTS.add((knob, length))
+    log.warning("%d of %d warm-start responses in a batch are longer than %d tokens and are cut (their tail "
+                "and end-of-turn are not learnt): raise %s", cut, total, length, knob)
+    return True
+
+
 def sft_batch(examples, responses, tokenizer, config: ModelConfig, image_config, *, response_length: int,
               length_buckets, patch_bucket=None, num_images=None, prompt="decoupled"):
     """(ModelInputs of prompt + response rows, response mask [N, M]); with several processes,
@@ -303,7 +322,9 @@ def _warm_batch(config, model_config, tokenizer, image_config, mesh, examples, r
                 response_length: int = 0):
     """The device batch (inputs, response mask) of warm-start rows, global across processes;
     responses padded (or cut) to `response_length` tokens (0: rl.max_new_tokens)."""
+    knob = "sft.caption_length" if response_length else "rl.max_new_tokens"
     response_length = response_length or config.rl.max_new_tokens
+    warn_truncated(truncated_rows(tokenizer, responses, response_length), len(responses), response_length, knob)
     inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
                              response_length=response_length,
                              length_buckets=tuple(config.data.length_buckets),
