@@ -276,9 +276,12 @@ def test_a_failed_train_still_deletes_the_slice_unless_kept(fake):
 @needs_git
 def test_ctrl_c_during_training_deletes_the_slice(fake):
     tmp_path, env = fake
+    # SIGINT as a terminal leaves it: pytest-xdist's workers ignore SIGINT, and a signal ignored when
+    # bash starts can be neither trapped nor received by its children
     process = subprocess.Popen(["bash", POD, "all", *V4, "--bucket", "b"], start_new_session=True,
                                env={**env, "FAKE_GCLOUD_HANG": "train_worker.sh"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # generous deadlines: the suite runs on two workers, so this script may share its core
     deadline = time.time() + 120
     while not any("train_worker.sh" in call[-1] for call in gcloud_calls(tmp_path)) and time.time() < deadline:

@@ -87,19 +87,20 @@ def test_teacher_rows_turn_picked_rows_into_captions_and_encode(world):  # noqa:
         assert "Describe the image." in batch.texts[i] and not re.search(r"How many|Is there|colour", batch.texts[i])
 
 
-def test_cut_warm_start_rows_are_counted_and_named_once(world, caplog):  # noqa: F811
+def test_cut_warm_start_rows_are_counted_and_named_once(world, caplog, monkeypatch):  # noqa: F811
     _, tokenizer, _, _, _ = world
+    monkeypatch.setattr(warm, "_WARNED_CUTS", set())  # what earlier tests in this process warned about
     inventories = [f"<vision>{warm.scene_inventory(s.to_example())}</vision>" for s in SAMPLES[:20]]
-    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in inventories]
-    length = sorted(lengths)[10]  # room for the shorter half's tokens, one of them EOS
-    cut = warm.truncated_rows(tokenizer, inventories, length)
-    assert cut == sum(n > length - 1 for n in lengths) and 0 < cut < len(inventories)
-    tokens, kept = warm.encode_responses(tokenizer, inventories, length, 1, 0)
-    assert sum(k == length and n >= length for k, n in zip(kept, lengths)) == cut  # what encode_responses cuts
+    lengths = np.array([len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in inventories])
+    length = int(np.sort(lengths)[10])  # room for the shorter half's tokens and an EOS; the rest are cut
+    cut = int(np.sum(lengths >= length))
+    assert 0 < cut < len(inventories)
+    message = (f"{cut} of 20 warm-start responses in a batch are longer than {length} tokens and are cut (their "
+               "tail and end-of-turn are not learnt): raise sft.caption_length")
     with caplog.at_level("WARNING", logger="vlcal_jax.train"):
-        assert warm.warn_truncated(cut, len(inventories), length, "sft.caption_length")
-        assert not warm.warn_truncated(cut, len(inventories), length, "sft.caption_length")  # once
-        assert not warm.warn_truncated(0, len(inventories), length + 1, "sft.caption_length")
-    assert [r.getMessage() for r in caplog.records] == [
-        f"{cut} of 20 warm-start responses in a batch are longer than {length} tokens and are cut (their tail and "
-        "end-of-turn are not learnt): raise sft.caption_length"]
+        warm.encode_responses(tokenizer, inventories, length, 1, 0)  # no knob: silent
+        _, kept = warm.encode_responses(tokenizer, inventories, length, 1, 0, knob="sft.caption_length")
+        warm.encode_responses(tokenizer, inventories, length, 1, 0, knob="sft.caption_length")  # once
+        warm.encode_responses(tokenizer, inventories, int(lengths.max()) + 1, 1, 0, knob="sft.caption_length")
+    assert np.array_equal(kept, np.minimum(lengths + 1, length))
+    assert [r.getMessage() for r in caplog.records] == [message]

@@ -201,8 +201,9 @@ def score_responses(examples: Sequence, responses: Sequence[str | Generation], *
     "decoupled", the format with a `<vision>` span),
     perception_missing / perception_wrong (facts not stated / stated wrong), response,
     num_tokens and truncated (None when given plain strings), difficulty (the scene world's
-    difficulty score in [0, 1], None for other data), question_type (the scene world's question
-    type, None for other data).
+    difficulty score in [0, 1], None for other data), question_type (the example's
+    `question_type` field: the scene world's question type, MathVista's multi_choice / free_form;
+    None when the data has none).
     """
     if len(examples) != len(responses):
         raise ValueError(f"{len(examples)} examples but {len(responses)} responses; pass one response each")
@@ -256,7 +257,8 @@ def accuracy_by_difficulty(records: Sequence[dict[str, Any]], parts: int = 5) ->
 
 
 def accuracy_by_question_type(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """Accuracy per question type of the scene world, and the ranking a confidence could reach
+    """Accuracy per question type (the records' `question_type`: the scene world's count, exist,
+    sum, ...), and the ranking a confidence could reach
     knowing nothing but the question type: "auroc_ceiling", the AUROC against correctness of each
     record's question-type accuracy measured on the other half of the records (two folds by
     id order, so a record never scores with its own outcome). A stated confidence that ranks
@@ -321,7 +323,7 @@ def group_metrics(records: Sequence[dict[str, Any]], mode: str = "decoupled") ->
     n, accuracy, format_rate, missing_confidence, truncated (count; None if unknown),
     mean_tokens, perception_accuracy (None without scene facts), by_difficulty
     (`accuracy_by_difficulty`, None without scene difficulty scores), by_question_type
-    (`accuracy_by_question_type`, None without scene question types), and calibration blocks
+    (`accuracy_by_question_type`, None without question types), and calibration blocks
     (`calibration_metrics`, None where they do not apply):
       confidence: Phi (or the RLCR score) vs answer correctness; the paper's metric.
       vision: vision confidence vs perception correctness (scene-world records only).

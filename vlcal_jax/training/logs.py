@@ -154,8 +154,9 @@ def plot_training(workdir: str, summary: dict) -> list[str]:
 def print_summary(summary: dict) -> None:
     before, after = summary.get("before_rl") or {}, summary.get("after_rl") or {}
     keys = [k for k in ("accuracy", "format_rate", "ece", "auroc", "brier", "mean_confidence", "bins_over_10pct",
-                        "by_question_type_auroc_ceiling", "by_difficulty_gap", "perception_accuracy", "vision_ece", "vision_auroc",
-                        "vision_mean_confidence", "reasoning_ece", "reasoning_auroc") if k in after or k in before]
+                        "by_question_type_auroc_ceiling", "by_difficulty_gap", "perception_accuracy", "vision_ece",
+                        "vision_auroc", "vision_mean_confidence", "reasoning_ece", "reasoning_auroc")
+            if k in after or k in before]
     def cell(group, key):
         value = group.get(key, float("nan"))
         low, high = group.get(f"{key}_low"), group.get(f"{key}_high")

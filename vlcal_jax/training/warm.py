@@ -71,20 +71,23 @@ def convert_teacher(response: str, mode: str) -> str:
     return f"{think} <analysis>{analysis.group(1).strip() if analysis else ''}</analysis><confidence>{combined}</confidence>"
 
 
-def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: int, pad_id: int):
-    """Responses -> (tokens int32 [N, length] ending in EOS, lengths [N]); too long -> truncated."""
+def encode_responses(tokenizer, responses: Sequence[str], length: int, eos_id: int, pad_id: int, *,
+                     knob: str | None = None):
+    """Responses -> (tokens int32 [N, length] ending in EOS, lengths [N]); too long -> truncated,
+    and with `knob` (the setting that sets `length`) the cut rows are named in a warning
+    (`warn_truncated`)."""
     tokens = np.full((len(responses), length), pad_id, np.int32)
     lengths = np.zeros(len(responses), np.int32)
+    cut = 0
     for i, response in enumerate(responses):
-        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])[:length - 1] + [eos_id]
+        full = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        cut += len(full) > length - 1
+        ids = full[:length - 1] + [eos_id]
         tokens[i, :len(ids)] = ids
         lengths[i] = len(ids)
+    if knob:
+        warn_truncated(cut, len(responses), length, knob)
     return tokens, lengths
-
-
-def truncated_rows(tokenizer, responses: Sequence[str], length: int) -> int:
-    """How many `responses` encode_responses cuts at `length` tokens (their tail and EOS unlearnt)."""
-    return sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) > length - 1 for r in responses)
 
 
 _WARNED_CUTS: set = set()
@@ -102,16 +105,17 @@ def warn_truncated(cut: int, total: int, length: int, knob: str) -> bool:
 
 
 def sft_batch(examples, responses, tokenizer, config: ModelConfig, image_config, *, response_length: int,
-              length_buckets, patch_bucket=None, num_images=None, prompt="decoupled"):
+              length_buckets, patch_bucket=None, num_images=None, prompt="decoupled", knob=None):
     """(ModelInputs of prompt + response rows, response mask [N, M]); with several processes,
     this process's rows, padded like every other process's. `prompt`: the instruction mode, or
-    one per example."""
+    one per example. `knob`: see encode_responses."""
     prompts = rollout.encode_examples(examples, tokenizer, config, image_config, mode=prompt,
                                       length_buckets=length_buckets,
                                       patch_bucket=patch_bucket, num_images=num_images,
                                       same_shapes_everywhere=multihost.multiprocess())
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    tokens, lengths = encode_responses(tokenizer, responses, response_length, eos, tokenizer.pad_token_id)
+    tokens, lengths = encode_responses(tokenizer, responses, response_length, eos, tokenizer.pad_token_id,
+                                       knob=knob)
     inputs = rollout.expand_for_responses(prompts.inputs, tokens, lengths, 1)
     return inputs, (np.arange(response_length)[None] < lengths[:, None]).astype(np.float32)
 
@@ -324,9 +328,8 @@ def _warm_batch(config, model_config, tokenizer, image_config, mesh, examples, r
     responses padded (or cut) to `response_length` tokens (0: rl.max_new_tokens)."""
     knob = "sft.caption_length" if response_length else "rl.max_new_tokens"
     response_length = response_length or config.rl.max_new_tokens
-    warn_truncated(truncated_rows(tokenizer, responses, response_length), len(responses), response_length, knob)
     inputs, mask = sft_batch(examples, responses, tokenizer, model_config, image_config,
-                             response_length=response_length,
+                             response_length=response_length, knob=knob,
                              length_buckets=tuple(config.data.length_buckets),
                              patch_bucket=config.data.patch_bucket or None,
                              num_images=len(examples) * config.data.max_images_per_prompt, prompt=prompts)
