@@ -23,3 +23,6 @@ def test_perception_metrics_align_rows_by_index_in_a_mixed_batch():
     assert out["perception/auroc_soft_label"] == pytest.approx(1.0)
     assert out["perception/auroc_vision_confidence"] == pytest.approx(1.0)
     assert evaluation.perception_metrics(texts[:2], [plain], 2, rewards) == {}
+    # rlcr / plain responses have no <vision> span: perception is unknown, not 0 (wrong)
+    for mode in ("rlcr", "plain"):
+        assert evaluation.perception_metrics(texts, examples, 2, rewards, mode=mode) == {}

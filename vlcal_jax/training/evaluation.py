@@ -12,20 +12,24 @@ from vlcal_jax.eval import metrics as M
 log = logging.getLogger("vlcal_jax.train")
 
 
-def perception_metrics(texts, examples, n: int, rewards: dict) -> dict:
+def perception_metrics(texts, examples, n: int, rewards: dict, mode: str = "decoupled") -> dict:
     """For scene-world prompts (ground truth known, PAPER.md section 8): how often the vision
     span is right, and how well the VCE soft label and the stated vision confidence rank it.
 
     texts [N] and every rewards array [N] are per response, N = len(examples) * n, the n
-    responses of a prompt adjacent; only the responses to prompts with scene facts count."""
-    return perception_summary(perception_correct(texts, examples, n), rewards)
+    responses of a prompt adjacent; only the responses to prompts with scene facts count, and
+    only in the decoupled format (rlcr and plain responses have no <vision> span: {})."""
+    return perception_summary(perception_correct(texts, examples, n, mode), rewards)
 
 
-def perception_correct(texts, examples, n: int) -> np.ndarray:
-    """Whether each response's vision span is right [N] (1 / 0), NaN for prompts without scene facts."""
+def perception_correct(texts, examples, n: int, mode: str = "decoupled") -> np.ndarray:
+    """Whether each response's vision span is right [N] (1 / 0); NaN for prompts without scene
+    facts, and for every response of a format without a <vision> span (mode rlcr or plain), as
+    in evaluate.score_responses: unknown, not wrong."""
     row_examples = [ex for ex in examples for _ in range(n)]  # response i answers row_examples[i]
-    return np.array([float(scenes.score_perception(text, ex).correct) if "facts" in (ex.meta or {}) else np.nan
-                     for text, ex in zip(texts, row_examples)], float)
+    scored = mode == "decoupled"
+    return np.array([float(scenes.score_perception(text, ex).correct) if scored and "facts" in (ex.meta or {})
+                     else np.nan for text, ex in zip(texts, row_examples)], float)
 
 
 def perception_summary(correct, rewards: dict) -> dict:

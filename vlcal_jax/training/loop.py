@@ -90,7 +90,7 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     # per-response values of every process (small host arrays), so that the means below are over
     # the whole step's batch, in the order one process would have them
     rows = multihost.allgather_rows
-    perception = evaluation.perception_correct(texts, examples, n)
+    perception = evaluation.perception_correct(texts, examples, n, r.mode)
     rewards = {key: rows(np.asarray(value, np.float64)) for key, value in rewards.items()}
     for key, value in rewards.items():
         if np.isfinite(value).any():
