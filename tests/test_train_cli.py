@@ -4,13 +4,14 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 
 import fsspec
 import orbax.checkpoint as ocp
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from vlcal_jax.training import checkpoints, logs, loop
+from vlcal_jax.training import checkpoints, logs, loop, warm
 
 
 def tiny_config(workdir):
@@ -43,11 +44,23 @@ def rl_rows(workdir):
     return [r for r in logs.read_metrics(str(workdir)) if "reward/reward" in r]
 
 
+def recording_teacher(monkeypatch, texts: list):
+    """Records every warm-start batch's teacher responses (after the confidence draws)."""
+    real = warm.teacher_rows
+    monkeypatch.setattr(warm, "teacher_rows", lambda config, examples, responses, pairs: (
+        texts.append(list(responses)), real(config, examples, responses, pairs))[1])
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "a"
-    summary = loop.run(tiny_config(workdir))
+    with pytest.MonkeyPatch.context() as patch:
+        recording_teacher(patch, FIRST_RUN_TEACHER)
+        summary = loop.run(tiny_config(workdir))
     return workdir, summary
+
+
+FIRST_RUN_TEACHER: list = []  # first_run's teacher batches
 
 
 def test_run_writes_everything(first_run):
@@ -106,6 +119,48 @@ def test_resume_continues_and_skips_a_corrupt_checkpoint(first_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
     assert [strip(r) for r in rows[:2]] == [strip(r) for r in rl_rows(workdir)]
+
+
+@pytest.mark.parametrize("stop_after", [1, 2], ids=["end_of_caption_stage", "in_teacher_stage"])
+def test_warm_start_stopped_by_sigterm_resumes_bit_for_bit(first_run, tmp_path, monkeypatch, stop_after):
+    """A SIGTERM during the warm start (1 caption + 2 teacher steps here) checkpoints the step it
+    arrived in and exits 143; the same command resumes from there, runs only the steps left, and
+    the whole run equals an uninterrupted one: warm-start rows and RL metrics, bit for bit."""
+    workdir = tmp_path / "stopped"
+    calls, armed = [], [True]
+    real = warm.make_sft_step
+
+    def counting(*args, **kwargs):
+        sft_step = real(*args, **kwargs)
+
+        def counted(state, *batch):
+            out = sft_step(state, *batch)
+            calls.append(1)
+            if armed[0] and len(calls) == stop_after:
+                armed[0] = False
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler only sets a flag
+            return out
+        return counted
+
+    monkeypatch.setattr(warm, "make_sft_step", counting)
+    teacher = []
+    recording_teacher(monkeypatch, teacher)
+    config = tiny_config(workdir)
+    config.sft.checkpoint_every = 0  # only the SIGTERM saves
+    with pytest.raises(SystemExit) as stopped:
+        loop.run(config)
+    assert stopped.value.code == 143
+    assert not os.path.exists(workdir / "warm_start") or not os.listdir(workdir / "warm_start")
+    calls.clear()
+    loop.run(config)
+    assert len(calls) == 3 - stop_after  # resumed, not redone
+    assert not [d for d in os.listdir(workdir / "warm_start_progress") if d.isdigit()]  # cleared once saved
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    sft = lambda w: [r for r in logs.read_metrics(str(w)) if any(k.startswith("sft/") for k in r)]  # noqa: E731
+    assert strip(sft(workdir)) == strip(sft(first_run[0]))
+    # the teacher's confidence draws continue where they were (its rng is in the checkpoint)
+    assert teacher == FIRST_RUN_TEACHER and len(teacher) == 2
+    assert strip(rl_rows(workdir)) == strip(rl_rows(first_run[0]))
 
 
 @pytest.mark.parametrize("sft_steps", [2, 0], ids=["warm_start", "rl_checkpoint"])

@@ -115,6 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
     # response tokens of a caption-stage row (an inventory is short; 0: rl.max_new_tokens, the
     # length every other warm-start row is padded to); one compiled shape either way
     c.sft.caption_length = 0
+    # warm-start progress checkpoints (WORKDIR/warm_start_progress) every this many steps, and at a
+    # SIGTERM: a stopped warm start resumes there, bit for bit (0: only at a SIGTERM)
+    c.sft.checkpoint_every = 100
 
     c.rl = ml_collections.ConfigDict()
     c.rl.steps = 100

@@ -148,9 +148,11 @@ def _is_sft(row: dict) -> bool:
     return any(k.startswith("sft/") for k in row)
 
 
-def warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer):
+def warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer, preemption=None):
     """The supervised warm start, done once: restored from `workdir/warm_start` when a previous
-    attempt finished it, else run (its metric rows replace any of an unfinished attempt) and saved."""
+    attempt finished it, else run and saved. An unfinished attempt resumes from its newest
+    progress checkpoint (`workdir/warm_start_progress`, every `sft.checkpoint_every` steps and at
+    a SIGTERM, which then exits 143 like the RL loop); its metric rows after that point are redone."""
     if not config.sft.steps:
         return params
     store = checkpoints.ParamsStore(run_dir.path("warm_start"))
@@ -159,11 +161,18 @@ def warm_stage(config, run_dir, model_config, params, tokenizer, image_config, d
         log.info("warm start restored from %s (not recomputed)", run_dir.path("warm_start"))
         store.close()
         return restored
-    if writer.enabled:
-        logs.keep_metrics(writer.path, lambda row: not _is_sft(row))
-    params = warm.warm_start(config, model_config, params, tokenizer, image_config, data, writer)
+    requested = (lambda: any(multihost.allgather_json(preemption.requested))) if preemption else (lambda: False)
+    progress = warm.Progress(run_dir.path("warm_start_progress"), config.sft.checkpoint_every, requested)
+    try:
+        params = warm.warm_start(config, model_config, params, tokenizer, image_config, data, writer, progress)
+    except warm.Preempted as stopped:
+        writer.close()
+        log.warning("stopped by SIGTERM after warm-start step %d of %d; progress %s. Run the same command again "
+                    "to resume.", stopped.done, stopped.total, stopped.directory)
+        raise SystemExit(Preemption.EXIT_CODE) from None
     store.save(params)
     store.close()
+    progress.clear()
     return params
 
 
@@ -205,7 +214,7 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
     writer = logs.MetricWriter(run_dir, enabled=main_process)
     summary: dict = {"workdir": run_dir.root}
 
-    params = warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer)
+    params = warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer, preemption)
     ctx = Context(config=config, model_config=model_config, tokenizer=tokenizer, image_config=image_config,
                   rl=rl_config(config, image_config), eos_ids=tuple(model_setup.eos_ids(tokenizer)), writer=writer)
     evaluator = evaluation.Evaluator(config, model_config, tokenizer, image_config, data.eval_examples, run_dir)

@@ -235,25 +235,92 @@ def pick_formats(examples, pairs) -> list[tuple[str, str]]:
     return [pairs[zlib.crc32(str(ex.id).encode()) % len(pairs)] for ex in examples]
 
 
-def warm_start(config, model_config, params, tokenizer, image_config, data, writer):
+class Preempted(Exception):
+    """A stop was requested during the warm start; its progress is checkpointed (Progress)."""
+
+    def __init__(self, done: int, total: int, directory: str):
+        super().__init__(f"warm start stopped after step {done} of {total}; progress in {directory}")
+        self.done, self.total, self.directory = done, total, directory
+
+
+class Progress:
+    """Mid-warm-start checkpoints under `directory` (WORKDIR/warm_start_progress): the current
+    stage's train state, the data position and the teacher's confidence rng, every `every`
+    warm-start steps (0: never) and when `should_stop()` says so (a SIGTERM; then Preempted is
+    raised after the save), so a stopped warm start resumes where it was and ends with the same
+    weights, bit for bit. Steps are counted over both stages: 1..caption_steps are the caption
+    stage, the rest the teacher stage. Removed (`clear`) once the finished warm start is saved."""
+
+    def __init__(self, directory: str, every: int = 0, should_stop=lambda: False):
+        from vlcal_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+
+        self.directory, self.every, self.should_stop = directory, int(every), should_stop
+        self.checkpointer = checkpoints.Checkpointer(directory, keep=1)
+
+    def restore(self, template):
+        """-> (state, done steps, extra) of the newest readable checkpoint, or None."""
+        state, done, extra = self.checkpointer.restore_latest(template)
+        return (state, done, extra) if extra is not None else None
+
+    def after_step(self, done: int, total: int, state, data, rng, loss: float) -> None:
+        stop = self.should_stop()
+        if not (stop or self.every and done % self.every == 0 and done < total):
+            return
+        readers = multihost.allgather_json(data.sft_source.state())
+        self.checkpointer.save(done, state, {"reader": readers[0], "readers": readers, "loss": loss,
+                                             "rng": None if rng is None else json.dumps(rng.bit_generator.state)})
+        if stop:
+            self.checkpointer.wait()
+            raise Preempted(done, total, self.directory)
+
+    def clear(self) -> None:
+        self.checkpointer.wait()
+        for done in self.checkpointer.manager.all_steps():
+            self.checkpointer.manager.delete(done)
+        self.checkpointer.close()
+
+
+def warm_start(config, model_config, params, tokenizer, image_config, data, writer, progress: Progress | None = None):
     """Runs config.sft.steps supervised steps on teacher responses; returns the new params.
-    With several processes each reads and encodes its share of every batch."""
+    With several processes each reads and encodes its share of every batch. With `progress`,
+    resumes from its newest checkpoint and checkpoints as it goes (Progress)."""
     s = config.sft
     if data.sft_source is None:
         raise ValueError("sft.steps > 0 needs teacher responses: they come with data.kind='scenes'")
     mesh = parallel.mesh_of(params)
     encode = functools.partial(_warm_batch, config, model_config, tokenizer, image_config, mesh)
-    if s.caption_steps:  # the alignment stage: every row the image alone and its inventory
+    total = s.caption_steps + s.steps
+    resumed, done, extra = None, 0, None
+    if progress is not None:
+        template = step.init_state(params, make_optimizer(s.learning_rate, max(s.steps, 1), s.weight_decay,
+                                                          s.warmup_steps))
+        found = progress.restore(template)
+        if found is not None:
+            resumed, done, extra = found
+            readers = extra.get("readers") or [extra["reader"]]
+            data.sft_source.restore(readers[jax.process_index()] if len(readers) == jax.process_count() else readers[0])
+            log.info("warm start resumed after step %d of %d (%s)", done, total, progress.directory)
+    if writer.enabled:  # metric rows after the resumed step (every warm-start row, without one) are redone
+        logs.keep_metrics(writer.path, lambda row: not any(k.startswith("sft/") for k in row) or (
+            done > 0 and row["step"] <= done - total and "sft/heldout_loss" not in row))
+    if s.caption_steps and done < s.caption_steps:  # the alignment stage: every row the image alone and its inventory
         def caption_batch():
             rows = [caption_row(ex) for ex in data.sft_source.take(data.sft_source.block)]
             return encode([ex for ex, _ in rows], [r for _, r in rows], [CAPTION_PROMPT] * len(rows),
                           response_length=s.caption_length)
 
         params, loss = _stage(config, model_config, params, writer, caption_batch, s.caption_steps,
-                              s.caption_learning_rate, "caption_", first_step=1 - s.caption_steps - s.steps)
+                              s.caption_learning_rate, "caption_", first_step=1 - total, start=done, state=resumed,
+                              after_step=progress and (lambda i, st, loss: progress.after_step(
+                                  i, total, st, data, None, loss)))
         log.info("warm start, caption stage done: %d steps, final loss %.3f", s.caption_steps, loss)
+        resumed, done = None, s.caption_steps
+    elif resumed is not None and done == s.caption_steps:  # stopped right after the caption stage
+        params, resumed = resumed.params, None
     pairs = formats(config)
     rng = np.random.default_rng(config.seed)
+    if resumed is not None:
+        rng.bit_generator.state = json.loads(extra["rng"])
 
     def teacher_batch():
         examples = data.sft_source.take(data.sft_source.block)
@@ -267,7 +334,9 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
         return encode(*teacher_rows(config, examples, responses, pairs))
 
     params, loss = _stage(config, model_config, params, writer, teacher_batch, s.steps, s.learning_rate, "",
-                          first_step=1 - s.steps)
+                          first_step=1 - s.steps, start=done - s.caption_steps, state=resumed,
+                          after_step=progress and (lambda i, st, loss: progress.after_step(
+                              s.caption_steps + i, total, st, data, rng, loss)))
     log.info("warm start done: %d steps, final loss %.3f", s.steps, loss)
     if data.eval_examples and not multihost.multiprocess():
         gap = image_dependence(config, model_config, params, tokenizer, image_config, data.eval_examples)
@@ -279,17 +348,19 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
 
 
 def _stage(config, model_config, params, writer, next_batch, steps: int, learning_rate: float, prefix: str,
-           first_step: int):
+           first_step: int, start: int = 0, state=None, after_step=None):
     """`steps` supervised steps on `next_batch()` with a fresh AdamW and schedule; logs
     sft/sft_loss, sft/grad_norm, sft/skipped (prefix "") or sft/{prefix}loss, sft/{prefix}grad_norm,
     sft/{prefix}skipped at steps first_step.. (warm-start steps are logged at steps <= 0).
-    -> (params, final loss)."""
+    From step `start` with `state` (a resumed stage's train state) when given; after_step(steps
+    done, state, loss) after each step. -> (params, final loss)."""
     s = config.sft
     optimizer = make_optimizer(learning_rate, steps, s.weight_decay, s.warmup_steps)
-    state = step.init_state(params, optimizer)
+    state = state if state is not None else step.init_state(params, optimizer)
     sft_step = make_sft_step(model_config, optimizer, chunk=config.rl.logprob_chunk)
     desc = f"warm start ({prefix.strip('_')}s)" if prefix else "warm start"
-    bar = logs.progress(range(steps), desc=desc, disable=jax.process_index() != 0)
+    bar = logs.progress(range(start, steps), total=steps, initial=start, desc=desc,
+                        disable=jax.process_index() != 0)
     loss = float("nan")
     for i in bar:
         state, metrics = sft_step(state, *next_batch())
@@ -299,6 +370,8 @@ def _stage(config, model_config, params, writer, next_batch, steps: int, learnin
                                           f"sft/{prefix}grad_norm": float(metrics["grad_norm"]),
                                           f"sft/{prefix}skipped": float(metrics["skipped"])})
             bar.set_postfix(loss=f"{loss:.3f}")
+        if after_step is not None:
+            after_step(i + 1, state, loss)
     return jax.tree.map(lambda x: x, state.params), loss
 
 
