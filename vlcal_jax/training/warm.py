@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import zlib
 from typing import Sequence
@@ -278,6 +279,8 @@ class Progress:
         for done in self.checkpointer.manager.all_steps():
             self.checkpointer.manager.delete(done)
         self.checkpointer.close()
+        if "://" not in self.directory and os.path.isdir(self.directory) and not os.listdir(self.directory):
+            os.rmdir(self.directory)  # a bucket has no empty directories to leave behind
 
 
 def warm_start(config, model_config, params, tokenizer, image_config, data, writer, progress: Progress | None = None):
