@@ -156,7 +156,7 @@ def test_warm_start_stopped_by_sigterm_resumes_bit_for_bit(first_run, tmp_path, 
     assert len(calls) == 3 - stop_after  # resumed, not redone
     assert not os.path.exists(workdir / "warm_start_progress")  # removed once the warm start is saved
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
-    sft = lambda w: [r for r in logs.read_metrics(str(w)) if any(k.startswith("sft/") for k in r)]  # noqa: E731
+    sft = lambda w: [r for r in logs.read_metrics(str(w)) if logs.is_sft_row(r)]  # noqa: E731
     assert strip(sft(workdir)) == strip(sft(first_run[0]))
     # the teacher's confidence draws continue where they were (its rng is in the checkpoint)
     assert teacher == FIRST_RUN_TEACHER and len(teacher) == 2

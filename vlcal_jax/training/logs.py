@@ -75,6 +75,11 @@ class MetricWriter:
             self._tb.close()
 
 
+def is_sft_row(row: dict) -> bool:
+    """Whether a metric row is the warm start's (its keys under sft/)."""
+    return any(k.startswith("sft/") for k in row)
+
+
 def keep_metrics(path: str, keep) -> int:
     """Rewrites the JSONL metric log with only the rows for which `keep(row)` is true (a resumed
     run drops what it is about to redo); returns the number of rows dropped."""

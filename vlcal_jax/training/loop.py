@@ -144,10 +144,6 @@ def _is_eval(row: dict) -> bool:
     return any(k.startswith("eval/") for k in row)
 
 
-def _is_sft(row: dict) -> bool:
-    return any(k.startswith("sft/") for k in row)
-
-
 def warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer, preemption=None):
     """The supervised warm start, done once: restored from `workdir/warm_start` when a previous
     attempt finished it, else run and saved. An unfinished attempt resumes from its newest
@@ -236,8 +232,9 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
         log.info("resumed from step %d of %d (%s)", start, steps, run_dir.path("checkpoints"))
     # rows of steps this run is about to redo are dropped: the log reads as one uninterrupted run
     periodic_eval_at_start = bool(config.eval.every) and start % max(config.eval.every, 1) == 0 and start < steps
-    dropped = main_process and logs.keep_metrics(writer.path, lambda row: row["step"] < start or _is_sft(row) or (
-        row["step"] == start and start > 0 and (not _is_eval(row) or periodic_eval_at_start)))
+    dropped = main_process and logs.keep_metrics(writer.path, lambda row: (
+        row["step"] < start or logs.is_sft_row(row)
+        or row["step"] == start and start > 0 and (not _is_eval(row) or periodic_eval_at_start)))
     if dropped:
         log.info("dropped %d metric rows after step %d (they are redone)", dropped, start)
     ctx.train_step = step.make_train_step(model_config, ctx.rl, optimizer, mesh=mesh)

@@ -27,7 +27,7 @@ from vlcal_jax.models import text
 from vlcal_jax.parallel import multihost
 from vlcal_jax.models.config import ModelConfig
 from vlcal_jax.rl import rollout, step
-from vlcal_jax.training import logs
+from vlcal_jax.training import checkpoints, logs
 
 log = logging.getLogger("vlcal_jax.train")
 
@@ -253,8 +253,6 @@ class Progress:
     stage, the rest the teacher stage. Removed (`clear`) once the finished warm start is saved."""
 
     def __init__(self, directory: str, every: int = 0, should_stop=lambda: False):
-        from vlcal_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-
         self.directory, self.every, self.should_stop = directory, int(every), should_stop
         self.checkpointer = checkpoints.Checkpointer(directory, keep=1)
 
@@ -304,7 +302,7 @@ def warm_start(config, model_config, params, tokenizer, image_config, data, writ
             data.sft_source.restore(readers[jax.process_index()] if len(readers) == jax.process_count() else readers[0])
             log.info("warm start resumed after step %d of %d (%s)", done, total, progress.directory)
     if writer.enabled:  # metric rows after the resumed step (every warm-start row, without one) are redone
-        logs.keep_metrics(writer.path, lambda row: not any(k.startswith("sft/") for k in row) or (
+        logs.keep_metrics(writer.path, lambda row: not logs.is_sft_row(row) or (
             done > 0 and row["step"] <= done - total and "sft/heldout_loss" not in row))
     if s.caption_steps and done < s.caption_steps:  # the alignment stage: every row the image alone and its inventory
         def caption_batch():
