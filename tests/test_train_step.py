@@ -15,8 +15,8 @@ import optax
 import pytest
 
 import rl_utils as U
-from vlcal_jax.models import text
-from vlcal_jax.rl import certainty, perturb, step
+from vlcal_jax.models import qwen3_vl, text
+from vlcal_jax.rl import certainty, grpo, perturb, step
 
 PROMPTS, N, M = 4, 2, 8  # 8 rows: divides every mesh of the sharded check
 SHARDED_SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_step_check.py")
@@ -264,6 +264,44 @@ def test_score_k_perturbations_equal_a_loop_over_the_keys(scoring):
     for key in ("logp", "nll", "entropy"):
         np.testing.assert_allclose(stats[key][valid], loop[0][key][valid], rtol=1e-5, atol=1e-6, err_msg=key)
     assert (stats["kl"][valid] > 1e-4).mean() > 0.5
+
+
+def _log_softmax(logits):
+    logits = logits - logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def test_temperature_scores_and_trains_the_sampling_distribution(scoring, world):
+    """rl.temperature T: scoring's logp / entropy / ref_logp and the loss's logp are those of
+    softmax(logits / T), re-derived here in NumPy from the model's full logits."""
+    config, params, ref_params, inputs, response_mask, _, rng, at_one = scoring
+    tempered = step.RLConfig(samples_per_prompt=N, vce_k=1, logprob_chunk=4, temperature=0.5)
+    stats = U.to_host(step.score(config, params, ref_params, inputs, rng, rl=tempered, num_response=M))
+    valid = response_mask > 0
+
+    def reference(p, inputs=inputs):
+        targets = np.asarray(inputs.input_ids[:, -M:])
+        logits = np.asarray(qwen3_vl.apply(config, p, inputs), np.float64)[:, -M - 1:-1] / 0.5
+        logp = _log_softmax(logits)
+        return np.take_along_axis(logp, targets[..., None], -1)[..., 0], -(np.exp(logp) * logp).sum(-1)
+
+    logp, entropy = reference(params)
+    np.testing.assert_allclose(stats["logp"][valid], logp[valid], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats["entropy"][valid], entropy[valid], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats["ref_logp"][valid], reference(ref_params)[0][valid], rtol=1e-4, atol=1e-5)
+    assert np.abs(stats["logp"] - at_one["logp"])[valid].max() > 1e-2  # T = 0.5 is not T = 1
+
+    config, params, batch = world
+    batch = batch._replace(old_logp=np.asarray(reference(params, batch.inputs)[0], np.float32))
+    loss, _ = jax.jit(step.loss_fn, static_argnums=(1, 2))(params, config, tempered, batch)
+    effective, pg_mask, _ = step.shaped_advantages(tempered, batch)
+    expected, _ = grpo.policy_loss(jnp.asarray(batch.old_logp), batch.old_logp, batch.ref_logp, effective,
+                                   batch.response_mask.astype(bool), pg_mask, clip_low=tempered.clip_low,
+                                   clip_high=tempered.clip_high, dual_clip=tempered.dual_clip,
+                                   kl_coef=tempered.kl_coef, kl_clamp=tempered.kl_clamp)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-4)
+    with pytest.raises(ValueError, match="rl.temperature"):
+        step.RLConfig(temperature=0.0)
 
 
 def test_perturbations_use_the_model_processor_normalisation():

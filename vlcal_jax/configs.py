@@ -124,6 +124,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.prompts_per_step = 256
     c.rl.samples_per_prompt = 8
     c.rl.max_new_tokens = 4096
+    # the rollouts' sampling temperature; the update's log-probs, entropies and KLs are of the same
+    # softmax(logits / T) (verl/EasyR1's actor divides the logits the same way)
     c.rl.temperature = 1.0
     c.rl.top_p = 1.0
     c.rl.mode = "decoupled"  # decoupled | rlcr | plain: the response format (parser)

@@ -49,6 +49,10 @@ class RLConfig:
     warmup_steps: int = 0
     adam_mu_dtype: str = ""  # AdamW's first moment: "" like the params; "bfloat16" halves it (not the second)
     logprob_chunk: int = 256
+    # the rollouts' sampling temperature: every log-prob, entropy and KL of scoring and of the
+    # loss is of pi_T = softmax(logits / T), the distribution the responses were drawn from
+    # (verl/EasyR1 divide the logits by it the same way); 1.0 leaves the program unchanged
+    temperature: float = 1.0
     vce_kind: str = "blackout"  # blackout | noise | grey (PAPER.md section 4 ablations)
     vce_prob: float = 0.8
     vce_noise_std: float = 189.0
@@ -67,6 +71,9 @@ class RLConfig:
     image_std: tuple[float, ...] = perturb.QWEN3_VL_STD
 
     def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"RLConfig.temperature={self.temperature} must be > 0: it divides the logits of the "
+                             "update (set rl.temperature to the rollouts' sampling temperature)")
         for name in ("image_mean", "image_std"):  # tuples of floats: RLConfig is a static jit argument
             value = tuple(float(v) for v in getattr(self, name))
             if len(value) != 3:
@@ -109,6 +116,11 @@ def response_hidden(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, n
     hidden = qwen3_vl.apply(config, params, inputs, return_hidden=True)
     length = hidden.shape[1]
     return hidden[:, length - num_response - 1:length - 1]
+
+
+def tempered(hidden, rl: "RLConfig"):
+    """hidden / T: logits of pi_T, since the head is linear (unchanged at T = 1)."""
+    return hidden if rl.temperature == 1.0 else hidden * jnp.asarray(1.0 / rl.temperature, hidden.dtype)
 
 
 def _head_logits(hidden, kernel):
@@ -205,17 +217,17 @@ def score(config: ModelConfig, params, ref_params, inputs: qwen3_vl.ModelInputs,
                                                                           "shapes of params")
     targets = inputs.input_ids[:, -num_response:]
     kernel = text.lm_head_kernel(config, params)
-    hidden = response_hidden(config, params, inputs, num_response)
+    hidden = tempered(response_hidden(config, params, inputs, num_response), rl)
     if inputs.vision is not None:
         keys = jax.random.split(rng, rl.vce_k)
-        hidden_pert = jax.vmap(lambda key: response_hidden(
-            config, params, perturbed_inputs(config, inputs, rl.samples_per_prompt, key, rl), num_response))(keys)
+        hidden_pert = jax.vmap(lambda key: tempered(response_hidden(
+            config, params, perturbed_inputs(config, inputs, rl.samples_per_prompt, key, rl), num_response), rl))(keys)
     else:
         hidden_pert = hidden[None]
     stats = certainty.chunked_token_stats(hidden, hidden_pert, kernel.astype(hidden.dtype), targets,
                                           chunk_size=min(rl.logprob_chunk, num_response))
     stats = certainty.mean_over_perturbations(stats)
-    ref_hidden = response_hidden(config, ref_params, inputs, num_response)
+    ref_hidden = tempered(response_hidden(config, ref_params, inputs, num_response), rl)
     stats["ref_logp"] = token_logprobs(ref_hidden, text.lm_head_kernel(config, ref_params), targets,
                                        min(rl.logprob_chunk, num_response))
     return stats
@@ -238,7 +250,7 @@ def micro_loss(params, config: ModelConfig, rl: RLConfig, batch: RLBatch, effect
     the global token counts (the whole batch's, not this micro-batch's) -> (loss, metrics)."""
     num_response = batch.response_mask.shape[1]
     targets = batch.inputs.input_ids[:, -num_response:]
-    hidden = response_hidden(config, params, batch.inputs, num_response)
+    hidden = tempered(response_hidden(config, params, batch.inputs, num_response), rl)
     logp = token_logprobs(hidden, text.lm_head_kernel(config, params), targets, min(rl.logprob_chunk, num_response))
     return grpo.policy_loss(logp, batch.old_logp, batch.ref_logp, effective, batch.response_mask.astype(bool),
                             pg_mask, clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,

@@ -43,7 +43,7 @@ def rl_config(config: ml_collections.ConfigDict, image_config=None) -> step.RLCo
         grad_clip=r.grad_clip, warmup_steps=r.warmup_steps, logprob_chunk=r.logprob_chunk, vce_kind=r.vce_kind,
         vce_prob=r.vce_prob, vce_noise_std=r.vce_noise_std, vce_grey=r.vce_grey, vce_k=r.vce_k,
         kl_clamp=r.kl_clamp, micro_batch_size=r.micro_batch_size, adam_mu_dtype=r.adam_mu_dtype,
-        offload_pixels=r.offload_pixels)
+        offload_pixels=r.offload_pixels, temperature=r.temperature)
 
 
 def rl_iteration(ctx, state, ref_params, examples, rng):
