@@ -4,6 +4,7 @@ states against the model's own logits, and the CLI end to end."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from vlcal_jax.data import scenes
 from vlcal_jax.eval import probe
 from vlcal_jax.evaluate import load_examples
 from vlcal_jax.rl import rollout
+from vlcal_jax.training import checkpoints
 
 
 @pytest.mark.parametrize("c", [0.1, 10.0])
@@ -118,3 +120,26 @@ def test_probe_cli_end_to_end(world, model_dir, tmp_path, monkeypatch, capsys): 
         roc_auc_score(seen, stated))
     assert report["accuracy"] == pytest.approx(np.mean(right))
     assert "probe on the state at the vision-confidence digit" in capsys.readouterr().out
+
+    # --warm_start: the weights of a run's warm_start/ (here the model's, scaled), not the directory's
+    _, _, config, params, _ = world
+    scaled = jax.tree.map(lambda leaf: leaf * 1.5, params)
+    store = checkpoints.ParamsStore(str(tmp_path / "warm_start"))
+    store.save(scaled)
+    store.close()
+    fake, _ = fake_generation(tokenizer, responses)
+    monkeypatch.setattr(sampling, "sample", fake)
+    before = probe_cli.main(["--model_path", str(model_dir), "--data_dir", str(data), "--out", str(tmp_path / "ws"),
+                             "--batch_size", "4", "--max_new_tokens", "512", "--warm_start", str(tmp_path / "warm_start")])
+    assert before["settings"]["warm_start"] == str(tmp_path / "warm_start")
+    assert before["vision_span_right"]["stated_vision_confidence"] == report["vision_span_right"]["stated_vision_confidence"]
+    assert before["answer_right"]["probe_all_states"] != report["answer_right"]["probe_all_states"]
+    with pytest.raises(FileNotFoundError, match="--warm_start .*missing: no such directory"):
+        probe_cli.main(["--model_path", str(model_dir), "--data_dir", str(data), "--warm_start",
+                        str(tmp_path / "missing")])
+
+    fake, _ = fake_generation(tokenizer, ["no format at all"] * 24)
+    monkeypatch.setattr(sampling, "sample", fake)
+    with pytest.raises(ValueError, match="only 0 of 12 answers state both confidences"):
+        probe_cli.main(["--model_path", str(model_dir), "--data_dir", str(data), "--out", str(tmp_path / "out"),
+                        "--batch_size", "4", "--max_new_tokens", "512"])

@@ -2,13 +2,16 @@
 tokens, beside the confidence it states (vlcal_jax.eval.probe).
 
     python -m vlcal_jax.probe --model_path outputs/cpu_demo/model --data_dir outputs/cpu_demo/data
+    python -m vlcal_jax.probe --model_path outputs/cpu_demo/model --data_dir outputs/cpu_demo/data \
+        --warm_start outputs/cpu_demo/warm_start --out eval_results/probe_before_rl
 
 Answers --train scenes of the train split and --limit held-out scenes of the test split
 greedily, fits a logistic regression (its L2 strength chosen by 5-fold cross-validation on
 the training scenes) from the state that predicts the vision-confidence digit to whether the
 answer is right and whether the <vision> span is right, and prints the held-out AUROCs with
 bootstrap 95% intervals next to those of the stated confidences and of a confidence that
-knows only the question type. Writes probe.json to --out.
+knows only the question type. Writes probe.json to --out. --warm_start probes the weights a
+run saved in WORKDIR/warm_start (the model before RL) instead of --model_path's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Sequence
 from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.eval import probe
 from vlcal_jax.evaluate import load_examples
-from vlcal_jax.training import export
+from vlcal_jax.training import checkpoints, export
 
 log = logging.getLogger("vlcal_jax.probe")
 
@@ -34,6 +37,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_dir", required=True,
                         help="a scene data set (train.parquet and test.parquet: a run's data/ or "
                              "`python -m vlcal_jax.data.scenes --out DIR`)")
+    parser.add_argument("--warm_start", default=None,
+                        help="a run's WORKDIR/warm_start: probe those weights (the model before RL), with "
+                             "--model_path's architecture and tokenizer")
     parser.add_argument("--train", type=int, default=2000, help="training scenes the probe is fitted on")
     parser.add_argument("--limit", type=int, default=500, help="held-out scenes it is scored on")
     parser.add_argument("--out", default=os.path.join("eval_results", "probe"), help="output directory")
@@ -56,7 +62,25 @@ def _answers(config, params, tokenizer, image_config, examples, args, prompt):
     states, kept = probe.confidence_states(config, params, tokenizer, image_config, examples,
                                            [g.text for g in generations], prompt=prompt,
                                            max_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if kept.sum() < 10:
+        raise ValueError(f"{args.model_path}: only {int(kept.sum())} of {len(examples)} answers state both confidences "
+                         "(<vision_confidence> and <reasoning_confidence>); the probe needs a model that answers in "
+                         "the decoupled format, e.g. a run's WORKDIR/model")
     return [r for r, k in zip(records, kept) if k], states, int((~kept).sum())
+
+
+def _warm_start(directory: str, params):
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--warm_start {directory}: no such directory; pass a run's WORKDIR/warm_start")
+    store = checkpoints.ParamsStore(os.path.abspath(directory))
+    try:
+        restored = store.restore(params)
+    finally:
+        store.close()
+    if restored is None:
+        raise ValueError(f"--warm_start {directory}: no readable warm start there (an unfinished run's is "
+                         "written only when its warm start ends)")
+    return restored
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,6 +89,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = load_examples("scenes", args.data_dir, split="train", limit=args.train)
     test = load_examples("scenes", args.data_dir, split="test", limit=args.limit)
     config, params, tokenizer, image_config = export.load_model_dir(args.model_path)
+    if args.warm_start:
+        params = _warm_start(args.warm_start, params)
     train_records, train_x, train_missing = _answers(config, params, tokenizer, image_config, train, args, prompt)
     test_records, test_x, test_missing = _answers(config, params, tokenizer, image_config, test, args, prompt)
     log.info("%d training and %d held-out answers state both confidences (%d and %d left out)",
@@ -92,6 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "perception_accuracy": float(sum(seen(test_records)) / len(test_records)),
         "left_out": {"train": train_missing, "test": test_missing},
         "settings": {"model_path": os.path.abspath(args.model_path), "data_dir": os.path.abspath(args.data_dir),
+                     "warm_start": args.warm_start and os.path.abspath(args.warm_start),
                      "train": args.train, "limit": args.limit, "prompt": prompt,
                      "max_new_tokens": args.max_new_tokens, "positions": list(probe.POSITIONS)},
     }

@@ -118,7 +118,7 @@ def response_hidden(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, n
     return hidden[:, length - num_response - 1:length - 1]
 
 
-def tempered(hidden, rl: "RLConfig"):
+def tempered(hidden, rl: RLConfig):
     """hidden / T: logits of pi_T, since the head is linear (unchanged at T = 1)."""
     return hidden if rl.temperature == 1.0 else hidden * jnp.asarray(1.0 / rl.temperature, hidden.dtype)
 
