@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.eval import metrics as m
 from vlcal_jax.rl import rollout, step
 
@@ -50,14 +51,15 @@ def token_positions(text: str, offsets: Sequence[tuple[int, int]], max_tokens: i
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _states(config, params, inputs, num_response, rows, positions):
+def _states(config, params, inputs, num_response, positions):
+    """positions [B, P] -> the states [B, P * D] that predict those response tokens."""
     hidden = step.response_hidden(config, params, inputs, num_response)  # [B, M, D]
-    return hidden[rows[:, None], positions].reshape(positions.shape[0], -1).astype(jnp.float32)
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, P, D]
+    return picked.reshape(positions.shape[0], -1).astype(jnp.float32)
 
 
 def confidence_states(config, params, tokenizer, image_config, examples: Sequence, responses: Sequence[str], *,
-                      prompt: str, max_tokens: int, batch_size: int = 100,
-                      length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096)):
+                      prompt: str, max_tokens: int, batch_size: int = 100):
     """Hidden states at the confidence tags of each (example, response) -> (states
     [N_kept, len(POSITIONS) * D] float32, kept [N] bool). A response without every tag (or
     with one past `max_tokens`) is left out; `kept` says which. Batches are padded to
@@ -79,10 +81,9 @@ def confidence_states(config, params, tokenizer, image_config, examples: Sequenc
                 positions[row], kept[i] = found, True
         rows = [examples[i] for i in chunk]
         rows += [rows[0]] * (batch_size - len(rows))
-        prompts = rollout.encode_examples(rows, tokenizer, config, image_config, mode=prompt,
-                                          length_buckets=tuple(length_buckets))
+        prompts = rollout.encode_examples(rows, tokenizer, config, image_config, mode=prompt)
         inputs = rollout.expand_for_responses(prompts.inputs, tokens, lengths, 1)
-        out = np.asarray(_states(config, params, inputs, max_tokens, jnp.arange(batch_size), jnp.asarray(positions)))
+        out = np.asarray(_states(config, params, inputs, max_tokens, jnp.asarray(positions)))
         states.append(out[:len(chunk)][kept[chunk]])
     return np.concatenate(states), kept
 
@@ -145,8 +146,7 @@ def probe_auroc(train_x, train_y, test_x, test_y, *, grid: Sequence[float] = C_G
 
 
 def stated_auroc(confidence, labels) -> dict[str, Any]:
-    """The stated confidence's AUROC (a missing one counts as 0) with its bootstrap interval."""
-    conf = np.array([0.0 if v is None else v for v in confidence], np.float64)
-    labels = np.asarray(labels, int)
-    return {"auroc": m.auroc(conf, labels), "interval": m.bootstrap_intervals(conf, labels)["auroc"],
-            "n_test": int(len(labels))}
+    """The stated confidence's AUROC (a missing one counts as 0, as in every evaluation) with its
+    bootstrap interval, from evaluate.calibration_metrics."""
+    block = evaluation.calibration_metrics(confidence, labels)
+    return {"auroc": block["auroc"], "interval": (block["auroc_low"], block["auroc_high"]), "n_test": block["n"]}
