@@ -65,6 +65,52 @@ def test_token_advantages_broadcast():
     np.testing.assert_array_equal(np.asarray(got), [[2, 2, 0], [-1, 0, 0]])
 
 
+def test_token_advantages_per_token_are_masked():
+    got = grpo.token_advantages(jnp.array([[2.0, 3.0, 4.0], [-1.0, 5.0, 6.0]]), jnp.array([[1, 1, 0], [1, 0, 0]]))
+    np.testing.assert_array_equal(np.asarray(got), [[2, 3, 0], [-1, 0, 0]])
+
+
+def _after_answer_reference(after_rewards, correct, n):
+    """rl.post_answer_advantage="reward_to_go", re-derived one response at a time: C_i minus the
+    mean C of the group's responses with the same correctness (i included), 0 when i is alone."""
+    out = np.zeros(len(after_rewards))
+    for i in range(len(after_rewards)):
+        group = range(i - i % n, i - i % n + n)
+        peers = [after_rewards[j] for j in group if bool(correct[j]) == bool(correct[i])]
+        if len(peers) > 1:
+            out[i] = after_rewards[i] - sum(peers) / len(peers)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_after_answer_advantages_match_reference(seed):
+    rng = np.random.default_rng(seed)
+    correct = rng.integers(0, 2, 32).astype(bool)
+    correct[:8] = True  # a unanimous group
+    correct[8:16] = [True] + [False] * 7  # one right answer alone in its subgroup
+    after = (-2.0 * rng.random(32) ** 2).astype(np.float32)
+    got = np.asarray(grpo.after_answer_advantages(after, correct, 8))
+    np.testing.assert_allclose(got, _after_answer_reference(after, correct, 8), **TOL)
+    assert got[8] == 0.0
+
+
+def test_after_answer_advantages_hand_computed():
+    # group 1: right answers C = -0.1, -0.3 (mean -0.2), wrong -1.2, -0.5 (mean -0.85);
+    # group 2: wrong -2, -1, -0.5 (mean -7/6), the right one alone -> 0
+    got = np.asarray(grpo.after_answer_advantages(
+        np.array([-0.1, -0.3, -1.2, -0.5, -2.0, -1.0, -0.5, -1.5], np.float32),
+        np.array([1, 1, 0, 0, 0, 0, 0, 1]), 4))
+    np.testing.assert_allclose(got, [0.1, -0.1, -0.35, 0.35, -5 / 6, 1 / 6, 2 / 3, 0.0], **TOL)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.after_answer_advantages(jnp.zeros(6), jnp.zeros(6), 4)
+
+
+def test_split_token_advantages():
+    got = grpo.split_token_advantages(jnp.array([1.0, -2.0]), jnp.array([5.0, 6.0]),
+                                      jnp.array([[0, 1, 1, 1], [0, 0, 1, 1]]), jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    np.testing.assert_array_equal(np.asarray(got), [[1, 5, 5, 0], [-2, -2, 6, 6]])
+
+
 # ---------------------------------------------------------------- k3
 
 def test_k3_hand_computed_and_clamps():

@@ -89,3 +89,66 @@ def test_empty_vision_span_is_no_span(vision):
     assert out["has_vision"].tolist() == [False, True]
     assert np.isnan(out["soft_label"][0]) and out["r_vis"][0] == -1.0
     assert out["soft_label"][1] == 0.5
+
+
+def _after_answer_rows(rows):
+    """rows: lists of string pieces -> (tokenizer over every piece, tokens [N, M], lengths [N])."""
+    pieces = sorted({p for row in rows for p in row})
+    tokenizer = ByteLevelTokenizer([p.encode() for p in pieces])
+    width = max(len(row) for row in rows) + 1
+    tokens = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = [pieces.index(p) for p in row]
+    return tokenizer, tokens, np.array([len(row) for row in rows])
+
+
+def test_after_answer_mask_starts_after_the_graded_answer():
+    tail = ["<analysis>", "ok", "</analysis>", "<confidence><vision_confidence>", "7", "</vision_confidence>",
+            "<reasoning_confidence>", "6", "</reasoning_confidence></confidence>"]
+    rows = [
+        ["<think>r</think>", "\\boxed{", "1", "2", "}", *tail],
+        # whitespace around the tags is normalised away by the parser, not by the mask
+        ["<think>r</think>", " \\boxed{", "4 ", "} ", "\n<analysis>", "ok", "</analysis>"],
+        # the LAST \boxed{} is graded: an earlier one in the reasoning does not end the answer
+        ["<think>\\boxed{3}", " then", "</think>", "\\boxed{", "5", "}<", "analysis>x</analysis>"],
+        ["<think>r</think>", "\\boxed{", "1", *tail],  # unclosed: no answer, nothing after it
+        ["<think>r</think>", "no box", *tail],
+    ]
+    tokenizer, tokens, lengths = _after_answer_rows(rows)
+    mask = rollout.after_answer_mask(tokenizer, tokens, lengths)
+    got = [mask[i, :len(row)].astype(int).tolist() for i, row in enumerate(rows)]
+    assert got[0] == [0] * 5 + [1] * len(tail)
+    assert got[1] == [0, 0, 0, 0, 1, 1, 1]
+    assert got[2] == [0] * 6 + [1]  # "}<" holds the closing brace: it belongs to the answer
+    assert got[3] == [0] * len(rows[3]) and got[4] == [0] * len(rows[4])
+    assert not mask[:, -1].any()  # padding
+    # reference: a token is after the answer iff its first byte is past the closing brace
+    for i, row in enumerate(rows[:3]):
+        text = "".join(row)
+        close = parse_response(text).answer_char_end
+        starts = np.cumsum([0] + [len(p) for p in row])[:-1]
+        assert got[i] == [int(s >= close) for s in starts]
+
+
+def test_post_answer_advantages_of_the_loop():
+    from vlcal_jax.training import loop
+
+    body = ["<think>r</think>", "\\boxed{", "1", "}", "<analysis>", "ok", "</analysis>"]
+    tokenizer, tokens, lengths = _after_answer_rows([body, body[:3], body, body])
+    n = 2
+    response_mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
+    out = {"advantage": np.array([1.0, -1.0, 0.5, -0.5]), "reward": np.array([0.8, -1.0, 1.7, 0.9]),
+           "accuracy_reward": np.array([1.0, 0.0, 1.0, 1.0]), "accuracy": np.array([1.0, 0.0, 1.0, 1.0])}
+    shared = loop.post_answer_advantages("shared", out, tokens, lengths, tokenizer, "decoupled", n, response_mask)
+    np.testing.assert_array_equal(shared, out["advantage"])
+    got = loop.post_answer_advantages("reward_to_go", out, tokens, lengths, tokenizer, "decoupled", n,
+                                      response_mask)
+    # group 2 is two right answers with C = 0.7 and -0.1 (mean 0.3); group 1's are alone: 0
+    expected = np.zeros(tokens.shape, np.float32)
+    for row, (before, after) in enumerate([(1.0, 0.0), (-1.0, 0.0), (0.5, 0.4), (-0.5, -0.4)]):
+        expected[row, :lengths[row]] = before
+        if row != 1:
+            expected[row, 4:lengths[row]] = after
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="post_answer_advantage"):
+        loop.post_answer_advantages("mean", out, tokens, lengths, tokenizer, "decoupled", n, response_mask)

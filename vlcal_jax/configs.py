@@ -135,6 +135,13 @@ def default_config() -> ml_collections.ConfigDict:
                                                          lambda_vis=0.4))
     c.rl.soft_label_variant = "paper"  # paper (exact KL / entropy) | released (sampled-token proxies)
     c.rl.loss = "vl_calibration"  # see vlcal_jax.rl.losses.names()
+    # "shared": every token of a response gets its GRPO advantage A_i (PAPER.md section 5).
+    # "reward_to_go": the tokens after the graded answer (analysis, both confidences) get the
+    # advantage of the reward without its accuracy term, which they cannot change, against the
+    # mean of the same group's responses that are right (or wrong) like them, undivided
+    # (grpo.after_answer_advantages); the tokens up to the answer keep A_i. Not the paper's.
+    c.rl.post_answer_advantage = "shared"
+    c.rl.post_answer_weight = 1.0  # "reward_to_go": the after-answer advantages are multiplied by this
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from vlcal_jax.rl.grading import extract_boxed
+from vlcal_jax.rl.grading import boxed_span
 
 MODES = ("decoupled", "rlcr", "plain")
 _AROUND_TAG_CHARS = re.compile(r"\s*(<|>|/)\s*")
@@ -48,6 +48,9 @@ class ParsedResponse:
     `vision` None, when there is no `<vision>...</vision>` or its content is empty or only
     whitespace: as in the released code, such a response has no vision tokens, so it gets
     no soft label and R_vis = -1 (its format can still be valid).
+    answer_char_end: the index in the ORIGINAL text just after the closing brace of the graded
+    (last) `\\boxed{}`: every character from there on comes after the answer and cannot change
+    whether it is right. None when there is no closed `\\boxed{}`.
     Confidences are the written 0..10 scores divided by 10, or None when missing or out of
     range; `raw_confidence` is the RLCR score as written (before the range check).
     """
@@ -64,6 +67,7 @@ class ParsedResponse:
     raw_confidence: float | None
     format_ok: bool
     vision_char_span: tuple[int, int] | None
+    answer_char_end: int | None = None
 
     @property
     def has_vision(self) -> bool:
@@ -181,6 +185,7 @@ def parse_response(text: str, mode: str = "decoupled") -> ParsedResponse:
         vision = None  # an empty span is no span: the release finds no vision tokens in it
     span = None if vision is None else (source[vision[1]], source[vision[2] - 1] + 1)
     reasoning, analysis = _tag_content(normalized, "reasoning"), _tag_content(normalized, "analysis")
+    boxed = boxed_span(normalized)
     vision_confidence = reasoning_confidence = confidence = raw_confidence = None
     if mode == "decoupled":
         vision_confidence, reasoning_confidence = _decoupled_scores(normalized)
@@ -194,7 +199,7 @@ def parse_response(text: str, mode: str = "decoupled") -> ParsedResponse:
         text=normalized,
         vision=vision[0] if vision else None,
         reasoning=reasoning[0] if reasoning else None,
-        answer=extract_boxed(normalized),
+        answer=None if boxed is None else normalized[boxed[0]:boxed[1]].strip(),
         analysis=analysis[0] if analysis else None,
         vision_confidence=vision_confidence,
         reasoning_confidence=reasoning_confidence,
@@ -202,4 +207,5 @@ def parse_response(text: str, mode: str = "decoupled") -> ParsedResponse:
         raw_confidence=raw_confidence,
         format_ok=_format_ok(normalized, mode),
         vision_char_span=span,
+        answer_char_end=None if boxed is None else source[boxed[1]] + 1,
     )

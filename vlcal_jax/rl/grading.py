@@ -53,8 +53,9 @@ _LETTER_THEN_TEXT = re.compile(r"^(?:\(([A-Za-z])\)|([A-Z])[.:)])\s*\S")
 _CHOICE_PREFIX = re.compile(r"^\s*\(?([A-Za-z])\)?[.:)]\s*")
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the LAST `\\boxed{...}` or `\\fbox{...}` in `text`, braces matched; None if absent or unclosed."""
+def boxed_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the LAST `\\boxed{...}` or `\\fbox{...}` in `text`, braces
+    matched: text[start:end] is the content and text[end] its closing brace; None if absent or unclosed."""
     if not text:
         return None
     start = -1
@@ -73,8 +74,14 @@ def extract_boxed(text: str) -> str | None:
         elif char == "}" and text[index - 1] != "\\":
             depth -= 1
             if depth == 0:
-                return text[start:index].strip()
+                return start, index
     return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the LAST `\\boxed{...}` or `\\fbox{...}` in `text`, braces matched; None if absent or unclosed."""
+    span = boxed_span(text)
+    return None if span is None else text[span[0]:span[1]].strip()
 
 
 def normalize_answer(text: str) -> str:

@@ -17,6 +17,8 @@ from vlcal_jax.rl.certainty import k3_from_logprobs, token_certainty
 __all__ = [
     "group_advantages",
     "token_advantages",
+    "after_answer_advantages",
+    "split_token_advantages",
     "k3_from_logprobs",
     "token_advantage_weights",
     "tar_weights_paper",
@@ -51,8 +53,45 @@ def group_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
 
 @jax.jit
 def token_advantages(advantages: jax.Array, response_mask: jax.Array) -> jax.Array:
-    """Broadcasts response advantages [N] to response tokens [N, T] (0 on padding)."""
-    return advantages.astype(jnp.float32)[:, None] * response_mask.astype(jnp.float32)
+    """Broadcasts response advantages [N] to response tokens [N, T] (0 on padding); advantages
+    already per token [N, T] (`split_token_advantages`) are only masked."""
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    return advantages.astype(jnp.float32) * response_mask.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def after_answer_advantages(after_rewards: jax.Array, correct: jax.Array, group_size: int) -> jax.Array:
+    """Advantages [N] of the tokens after the answer (rl.post_answer_advantage="reward_to_go").
+
+    after_rewards [N]: the part of each response's reward that its tokens after the answer can
+    still change, R_i - lambda_acc I_i (the Brier, format and R_vis terms); correct [N]: I_i.
+    Those tokens are taken from the state "answer given, right or wrong": their baseline is the
+    mean of after_rewards over the responses of the same group with the same correctness (the
+    value of that state, estimated by GRPO's own samples), and the advantage is the difference,
+    not divided by a standard deviation (as Dr. GRPO, Liu et al. 2025), so that it is the Brier
+    score's own gradient: large for a confident wrong answer, small for a confident right one.
+    A response alone in its (group, correctness) subgroup gets 0. Groups are consecutive rows.
+    """
+    num = after_rewards.shape[0]
+    if group_size < 2 or num % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 2 and divide the {num} rewards")
+    c = after_rewards.astype(jnp.float32).reshape(num // group_size, group_size)
+    right = correct.astype(bool).reshape(c.shape)
+    same = right[:, :, None] == right[:, None, :]  # [G, n, n]: j is in i's subgroup
+    count = jnp.sum(same, axis=2)
+    baseline = jnp.sum(jnp.where(same, c[:, None, :], 0.0), axis=2) / count
+    return jnp.where(count > 1, c - baseline, 0.0).reshape(num)
+
+
+@jax.jit
+def split_token_advantages(advantages: jax.Array, after_advantages: jax.Array, after_mask: jax.Array,
+                           response_mask: jax.Array) -> jax.Array:
+    """Token advantages [N, T]: `after_advantages` [N] on the tokens of `after_mask` [N, T] (after
+    the answer), the response advantages [N] on the other response tokens, 0 on padding."""
+    after = after_mask.astype(bool) & response_mask.astype(bool)
+    token = jnp.where(after, after_advantages.astype(jnp.float32)[:, None], advantages.astype(jnp.float32)[:, None])
+    return token * response_mask.astype(jnp.float32)
 
 
 def _tar_applies(vision_mask, advantages, response_mask=None):

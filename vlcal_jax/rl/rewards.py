@@ -6,7 +6,9 @@ labels inside R_vis come from `certainty.soft_labels`.
     fn(responses: list[str], golds: list[str], *, choices=None, vision_kl=None,
        vision_entropy=None, **weights) -> dict[str, np.ndarray]
 
-whose result has "reward" [N] and every component for logging (accuracy, format, brier,
+whose result has "reward" [N], "accuracy_reward" [N] (the reward's accuracy term, lambda I: the
+part that a response's tokens after its answer cannot change; rl.post_answer_advantage) and
+every component for logging (accuracy, format, brier,
 confidences, ...; a missing value is nan). Names: "vl_calibration", "rlcr", "rlcr_vlm",
 "rlvr", "rlvr_easyr1". `register(name)` adds one. `choices` is None or one entry per
 response (None or the option list of a multiple-choice question). Every function accepts
@@ -160,7 +162,8 @@ def vl_calibration(
     reward = total_reward(accuracy, brier, fmt, r_vis, lambda_acc=lambda_acc, lambda_cal=lambda_cal,
                           lambda_fmt=lambda_fmt, lambda_vis=lambda_vis)
     return {
-        "reward": reward, "accuracy": accuracy, "format": fmt, "brier": brier, "r_vis": r_vis,
+        "reward": reward, "accuracy_reward": lambda_acc * accuracy, "accuracy": accuracy, "format": fmt,
+        "brier": brier, "r_vis": r_vis,
         "vision_confidence": v, "reasoning_confidence": r, "confidence": phi, "soft_label": labels,
         "has_vision": has_vision, "has_confidence": ~np.isnan(phi),
     }
@@ -179,7 +182,8 @@ def rlcr(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None,
     parsed, accuracy, fmt = _rlcr_parts(responses, golds, choices)
     q = _optional(p.confidence for p in parsed)
     brier = brier_term(q, accuracy)
-    return {"reward": accuracy + lambda_cal * brier, "accuracy": accuracy, "format": fmt, "brier": brier,
+    return {"reward": accuracy + lambda_cal * brier, "accuracy_reward": accuracy, "accuracy": accuracy,
+            "format": fmt, "brier": brier,
             "confidence": q, "has_confidence": ~np.isnan(q)}
 
 
@@ -196,7 +200,8 @@ def rlcr_vlm(responses, golds, *, choices=None, vision_kl=None, vision_entropy=N
     raw = _optional(p.raw_confidence for p in parsed)
     q = np.where(np.isnan(raw), missing_confidence, np.clip((raw / 10.0) ** exponent, 0.0, 1.0))
     brier = brier_term(q, accuracy)
-    return {"reward": accuracy + lambda_cal * brier + lambda_fmt * fmt, "accuracy": accuracy, "format": fmt,
+    return {"reward": accuracy + lambda_cal * brier + lambda_fmt * fmt, "accuracy_reward": accuracy,
+            "accuracy": accuracy, "format": fmt,
             "brier": brier, "confidence": q, "has_confidence": ~np.isnan(raw)}
 
 
@@ -206,7 +211,8 @@ def rlvr(responses, golds, *, choices=None, vision_kl=None, vision_entropy=None)
     choices = _check_batch(responses, golds, choices)
     parsed = [parse_response(text, "plain") for text in responses]
     accuracy = _grade(parsed, golds, choices)
-    return {"reward": accuracy.copy(), "accuracy": accuracy, "format": np.array([float(p.format_ok) for p in parsed])}
+    return {"reward": accuracy.copy(), "accuracy_reward": accuracy.copy(), "accuracy": accuracy,
+            "format": np.array([float(p.format_ok) for p in parsed])}
 
 
 @register("rlvr_easyr1")
@@ -215,4 +221,5 @@ def rlvr_easyr1(responses, golds, *, choices=None, vision_kl=None, vision_entrop
     """EasyR1's default RLVR reward: (1 - w) I + w fmt_plain with w = 0.1 (PAPER.md section 3)."""
     out = rlvr(responses, golds, choices=choices)
     out["reward"] = (1.0 - format_weight) * out["accuracy"] + format_weight * out["format"]
+    out["accuracy_reward"] = (1.0 - format_weight) * out["accuracy"]
     return out

@@ -194,6 +194,20 @@ def decode_responses(tokenizer, tokens, lengths, mode: str = "decoupled"):
     return texts, masks, parsed
 
 
+def after_answer_mask(tokenizer, tokens, lengths, mode: str = "decoupled") -> np.ndarray:
+    """Response tokens [N, M] that lie wholly after the graded answer (`ParsedResponse.answer_char_end`:
+    the analysis, the confidences, the end of text): the tokens that cannot change whether the
+    answer is right. All False for a response without a closed `\\boxed{}`."""
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    mask = np.zeros(tokens.shape, bool)
+    for row in range(tokens.shape[0]):
+        text, offsets = decode_with_offsets(tokenizer, tokens[row, :lengths[row]])
+        end = rformat.parse_response(text, mode=mode).answer_char_end
+        if end is not None and len(offsets):
+            mask[row, :lengths[row]] = offsets[:, 0] >= end
+    return mask
+
+
 def global_soft_labels(texts, vision_kl, vision_entropy) -> np.ndarray:
     """The soft labels S_vis [N] of this process's N responses, their z-score taken over every
     process's responses of the step (PAPER.md section 4: batch-wide statistics stay batch-wide);

@@ -95,7 +95,8 @@ class RLBatch(NamedTuple):
     """One update batch of N = prompts * n responses of M tokens (rows of a prompt adjacent).
 
     inputs: prompt + response rows [N, Tp + M] (vision once per prompt, shared via image_index);
-    response_mask/vision_mask [N, M]; advantages [N]; old_logp/ref_logp [N, M]; token_k3,
+    response_mask/vision_mask [N, M]; advantages [N] (or [N, M] per token: rl.post_answer_advantage);
+    old_logp/ref_logp [N, M]; token_k3,
     token_nll, token_kl, token_entropy [N, M] (VCE per-token statistics from `score`).
     """
 
@@ -305,7 +306,12 @@ def check_batch(config: ModelConfig, batch: RLBatch):
     rows, m = batch.response_mask.shape
     chex.assert_shape(batch.inputs.input_ids, (rows, None), custom_message=f"batch.inputs.input_ids must be "
                                                                           f"[N, Tp + M] with N = {rows}")
-    chex.assert_shape(batch.advantages, (rows,), custom_message=f"batch.advantages must be [N] = [{rows}]")
+    if batch.advantages.ndim == 2:  # per token (rl.post_answer_advantage="reward_to_go")
+        chex.assert_shape(batch.advantages, (rows, m), custom_message=f"batch.advantages must be [N] = [{rows}] "
+                                                                      f"or [N, M] = [{rows}, {m}]")
+    else:
+        chex.assert_shape(batch.advantages, (rows,), custom_message=f"batch.advantages must be [N] = [{rows}] "
+                                                                    f"or [N, M] = [{rows}, {m}]")
     for name in ("vision_mask", "old_logp", "ref_logp", "token_k3", "token_nll", "token_kl", "token_entropy"):
         message = f"batch.{name} must be [N, M] = [{rows}, {m}] like batch.response_mask"
         chex.assert_shape(getattr(batch, name), (rows, m), custom_message=message)

@@ -24,7 +24,7 @@ import numpy as np
 
 from vlcal_jax import parallel
 from vlcal_jax.parallel import multihost
-from vlcal_jax.rl import rollout, step
+from vlcal_jax.rl import grpo, rollout, step
 from vlcal_jax.training import checkpoints, data_setup, evaluation, export, logs, model_setup, rollouts, storage, warm
 
 log = logging.getLogger("vlcal_jax.train")
@@ -44,6 +44,26 @@ def rl_config(config: ml_collections.ConfigDict, image_config=None) -> step.RLCo
         vce_prob=r.vce_prob, vce_noise_std=r.vce_noise_std, vce_grey=r.vce_grey, vce_k=r.vce_k,
         kl_clamp=r.kl_clamp, micro_batch_size=r.micro_batch_size, adam_mu_dtype=r.adam_mu_dtype,
         offload_pixels=r.offload_pixels, temperature=r.temperature)
+
+
+POST_ANSWER_ADVANTAGES = ("shared", "reward_to_go")
+
+
+def post_answer_advantages(kind: str, rewards: dict, tokens, lengths, tokenizer, mode: str, n: int, response_mask,
+                           weight: float = 1.0):
+    """The update's advantages: [N] for rl.post_answer_advantage="shared" (PAPER.md section 5:
+    every token of response i gets A_i); [N, M] for "reward_to_go", where the tokens after the
+    graded answer (analysis and confidences) get `grpo.after_answer_advantages` of the reward
+    without its accuracy term, which they cannot change, and the tokens up to the answer keep A_i."""
+    if kind not in POST_ANSWER_ADVANTAGES:
+        raise ValueError(f"rl.post_answer_advantage={kind!r}; use one of {POST_ANSWER_ADVANTAGES}")
+    advantages = np.asarray(rewards["advantage"], np.float32)
+    if kind == "shared":
+        return advantages
+    after_mask = rollout.after_answer_mask(tokenizer, tokens, lengths, mode)
+    after = grpo.after_answer_advantages(np.asarray(rewards["reward"] - rewards["accuracy_reward"], np.float32),
+                                         np.asarray(rewards["accuracy"]) > 0, n) * weight
+    return np.asarray(grpo.split_token_advantages(advantages, after, after_mask, response_mask), np.float32)
 
 
 def rl_iteration(ctx, state, ref_params, examples, rng):
@@ -81,7 +101,9 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     rewards = rollout.score_rewards(texts, examples, n, reward=r.reward, vision_kl=kl, vision_entropy=ent,
                                     soft_label=labels, **dict(r.reward_weights))
     response_mask = (np.arange(m)[None] < lengths[:, None]).astype(np.float32)
-    batch = step.RLBatch(seq, response_mask, vision_mask.astype(np.float32), rewards["advantage"].astype(np.float32),
+    advantages = post_answer_advantages(r.post_answer_advantage, rewards, tokens, lengths, ctx.tokenizer, r.mode, n,
+                                        response_mask, weight=r.post_answer_weight)
+    batch = step.RLBatch(seq, response_mask, vision_mask.astype(np.float32), advantages,
                          stats["logp"], stats["ref_logp"], stats["k3"], stats["nll"], stats["kl"], stats["entropy"])
     state, update_metrics = ctx.train_step(state, batch, k_step)
     update_metrics = {k: float(v) for k, v in update_metrics.items()}
