@@ -91,7 +91,7 @@ def test_train_step_input_errors_name_the_field(world, no_kl_step):
         (batch._replace(old_logp=batch.old_logp[:, 1:]),
          rf"\[batch.old_logp must be \[N, M\] = \[{PROMPTS * N}, {M}\] like batch.response_mask\]"),
         (batch._replace(advantages=batch.advantages[:, None]),
-         rf"\[batch.advantages must be \[N\] = \[{PROMPTS * N}\]\]"),
+         rf"\[batch.advantages must be \[N\] = \[{PROMPTS * N}\] or \[N, M\] = \[{PROMPTS * N}, {M}\]\]"),
         (batch._replace(token_kl=batch.token_kl.astype(np.int32)), r"\[batch.token_kl must be float\]"),
         (batch._replace(inputs=inputs._replace(image_index=inputs.image_index[:, 1:])),
          r"\[batch.inputs.image_index must be \[B, T\]"),
