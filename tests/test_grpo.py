@@ -111,6 +111,27 @@ def test_split_token_advantages():
     np.testing.assert_array_equal(np.asarray(got), [[1, 5, 5, 0], [-2, -2, 6, 6]])
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_confidence_entropy_advantages_match_reference(per_token):
+    rng = np.random.default_rng(3)
+    n, t = 6, 9
+    adv = rng.normal(size=(n, t) if per_token else n).astype(np.float32)
+    nll = rng.random((n, t)).astype(np.float32) * 3
+    response = (np.arange(t)[None] < rng.integers(3, t + 1, n)[:, None])
+    scores = rng.random((n, t)) < 0.3
+    scores[0, t - 1] = True  # a score mark on padding is ignored
+    response[0, t - 1] = False
+    got = np.asarray(grpo.confidence_entropy_advantages(adv, nll, scores, response, 0.25))
+    token = (adv if per_token else np.repeat(adv[:, None], t, 1)) * response
+    keep = scores & response
+    expected = token + np.where(keep, 0.25 * (nll - nll[keep].mean()), 0.0)
+    np.testing.assert_allclose(got, expected, **TOL)
+    # the bonus has zero mean over the score tokens, and 0 leaves the advantages as they were
+    assert abs(float((got - token)[keep].sum())) < 1e-5
+    np.testing.assert_allclose(np.asarray(grpo.confidence_entropy_advantages(adv, nll, scores, response, 0.0)),
+                               token, **TOL)
+
+
 # ---------------------------------------------------------------- k3
 
 def test_k3_hand_computed_and_clamps():

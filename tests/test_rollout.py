@@ -130,6 +130,28 @@ def test_after_answer_mask_starts_after_the_graded_answer():
         assert got[i] == [int(s >= close) for s in starts]
 
 
+def test_confidence_token_mask_marks_each_scores_first_token():
+    rows = [
+        ["<think>r</think>\\boxed{1}<analysis>ok</analysis>", "<confidence><vision_confidence>", "1", "0",
+         "</vision_confidence>", "<reasoning_confidence> ", "6", "</reasoning_confidence></confidence>"],
+        # a token that holds the tag and the digit; whitespace inside the tag
+        ["<analysis>ok</analysis><confidence>", "< vision_confidence >7", "</vision_confidence>"],
+        ["<think>no scores</think>", "\\boxed{2}"],
+    ]
+    tokenizer, tokens, lengths = _after_answer_rows(rows)
+    mask = rollout.confidence_token_mask(tokenizer, tokens, lengths)
+    got = [mask[i, :len(row)].astype(int).tolist() for i, row in enumerate(rows)]
+    assert got == [[0, 0, 1, 0, 0, 0, 1, 0], [0, 1, 0], [0, 0]]
+    assert not mask[:, -1].any()
+    rlcr = rollout.confidence_token_mask(tokenizer, tokens, lengths, mode="rlcr")
+    assert not rlcr.any()  # no bare <confidence>N in these rows
+    tokenizer, tokens, lengths = _after_answer_rows([["\\boxed{1}<analysis>a</analysis><confidence>", "8",
+                                                      "</confidence>"]])
+    assert rollout.confidence_token_mask(tokenizer, tokens, lengths, mode="rlcr")[0, :3].tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="mode="):
+        rollout.confidence_token_mask(tokenizer, tokens, lengths, mode="nope")
+
+
 def test_post_answer_advantages_of_the_loop():
     from vlcal_jax.training import loop
 

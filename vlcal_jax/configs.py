@@ -142,6 +142,10 @@ def default_config() -> ml_collections.ConfigDict:
     # (grpo.after_answer_advantages); the tokens up to the answer keep A_i. Not the paper's.
     c.rl.post_answer_advantage = "shared"
     c.rl.post_answer_weight = 1.0  # "reward_to_go": the after-answer advantages are multiplied by this
+    # > 0: a maximum-entropy bonus on the first token of each stated score, added to its advantage
+    # (grpo.confidence_entropy_advantages): keeps the confidence policy spread while it learns to
+    # rank, where plain GRPO + Brier collapses it to one digit. Not the paper's objective.
+    c.rl.confidence_entropy_bonus = 0.0
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0

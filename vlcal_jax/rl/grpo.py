@@ -94,6 +94,29 @@ def split_token_advantages(advantages: jax.Array, after_advantages: jax.Array, a
     return token * response_mask.astype(jnp.float32)
 
 
+@jax.jit
+def confidence_entropy_advantages(advantages: jax.Array, nll: jax.Array, score_mask: jax.Array,
+                                  response_mask: jax.Array, bonus) -> jax.Array:
+    """Token advantages [N, T] plus a maximum-entropy bonus on the stated confidences'
+    first tokens (rl.confidence_entropy_bonus; not the paper's objective).
+
+    advantages [N] or [N, T]; nll [N, T]: -log pi_old(o_t) of the sampled tokens; score_mask
+    [N, T]: the first token of each stated score (`rollout.confidence_token_mask`). On those
+    tokens A_t <- A_t + bonus * (nll_t - mean nll over the batch's score tokens): the
+    score-function estimate of the gradient of bonus * H(pi(. | prefix_t)), the mean a baseline.
+    Without it GRPO with a Brier reward drives a scene-independent digit distribution to a point
+    mass (every sample of a group then states the same digit and the digits get no gradient);
+    with it the objective's optimum is a softmax over digits whose mode tracks
+    P(right | state)."""
+    response = response_mask.astype(bool)
+    token = token_advantages(advantages, response)
+    scores = score_mask.astype(bool) & response
+    nll = nll.astype(jnp.float32)
+    count = jnp.sum(scores)
+    baseline = jnp.sum(jnp.where(scores, nll, 0.0)) / jnp.maximum(count, 1)
+    return token + jnp.where(scores, jnp.asarray(bonus, jnp.float32) * (nll - baseline), 0.0)
+
+
 def _tar_applies(vision_mask, advantages, response_mask=None):
     applies = vision_mask.astype(bool) & (advantages < 0)
     if response_mask is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Sequence
 
 import numpy as np
@@ -205,6 +206,29 @@ def after_answer_mask(tokenizer, tokens, lengths, mode: str = "decoupled") -> np
         end = rformat.parse_response(text, mode=mode).answer_char_end
         if end is not None and len(offsets):
             mask[row, :lengths[row]] = offsets[:, 0] >= end
+    return mask
+
+
+_SCORE_TAGS = {"decoupled": ("vision_confidence", "reasoning_confidence"), "rlcr": ("confidence",), "plain": ()}
+
+
+def confidence_token_mask(tokenizer, tokens, lengths, mode: str = "decoupled") -> np.ndarray:
+    """Response tokens [N, M] that hold the first character of a stated score (the content of
+    `<vision_confidence>` and `<reasoning_confidence>`, or RLCR's `<confidence>`): the tokens
+    that choose the confidence. Whitespace inside the tags is allowed, as the parser allows it."""
+    if mode not in _SCORE_TAGS:
+        raise ValueError(f"mode={mode!r}; use one of {sorted(_SCORE_TAGS)}")
+    patterns = [re.compile(rf"<\s*{tag}\s*>\s*([^\s<])") for tag in _SCORE_TAGS[mode]]
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    mask = np.zeros(tokens.shape, bool)
+    for row in range(tokens.shape[0]):
+        if not patterns:
+            break
+        text, offsets = decode_with_offsets(tokenizer, tokens[row, :lengths[row]])
+        for pattern in patterns:
+            for match in pattern.finditer(text):
+                start = match.start(1)
+                mask[row, :lengths[row]] |= (offsets[:, 0] <= start) & (offsets[:, 1] > start)
     return mask
 
 

@@ -103,6 +103,10 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     response_mask = (np.arange(m)[None] < lengths[:, None]).astype(np.float32)
     advantages = post_answer_advantages(r.post_answer_advantage, rewards, tokens, lengths, ctx.tokenizer, r.mode, n,
                                         response_mask, weight=r.post_answer_weight)
+    score_mask = rollout.confidence_token_mask(ctx.tokenizer, tokens, lengths, r.mode)
+    if r.confidence_entropy_bonus:
+        advantages = np.asarray(grpo.confidence_entropy_advantages(advantages, stats["nll"], score_mask, response_mask,
+                                                                   r.confidence_entropy_bonus), np.float32)
     batch = step.RLBatch(seq, response_mask, vision_mask.astype(np.float32), advantages,
                          stats["logp"], stats["ref_logp"], stats["k3"], stats["nll"], stats["kl"], stats["entropy"])
     state, update_metrics = ctx.train_step(state, batch, k_step)
@@ -122,6 +126,10 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     # mean log-prob of the sampled tokens under the policy (how sharp the sampling distribution is)
     logprob = np.sum(np.asarray(stats["logp"], np.float64) * response_mask, -1) / np.maximum(lengths, 1)
     metrics["rollout/logprob"] = float(rows(logprob).mean())
+    # -log pi of the sampled first tokens of the stated scores: how spread the confidence policy is
+    score_nll = rows(np.sum(np.where(score_mask, np.asarray(stats["nll"], np.float64), 0.0), -1))
+    score_count = rows(np.sum(score_mask, -1).astype(np.float64))
+    metrics["rollout/score_nll"] = float(score_nll.sum() / max(score_count.sum(), 1.0))
     metrics["rollout/finished"] = float(rows(out.finished).mean())
     metrics["rollout/has_vision_span"] = float(rows(vision_mask.any(-1)).mean())
     metrics["vce/vision_kl"] = float(np.nanmean(kl)) if np.isfinite(kl).any() else 0.0
