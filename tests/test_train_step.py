@@ -431,3 +431,43 @@ def test_sharded_step_equals_one_device_step(sharded_run):
             assert r["params"] <= 1e-5 and r["opt_state"] <= 1e-5 and r["recompiles"] == 0, r
     remat = [line for line in err.splitlines() if "Involuntary full rematerialization" in line]
     assert not remat, "the sharded step replicates a tensor to reshard it:\n" + "\n".join(remat[:3])
+
+
+def test_score_lr_scale_multiplies_only_the_digit_rows_updates():
+    rng = np.random.default_rng(0)
+    v, d, ids = 12, 4, (3, 7)
+    params = {"text": {"embed": jnp.asarray(rng.normal(size=(v, d)), jnp.float32)},
+              "lm_head": {"kernel": jnp.asarray(rng.normal(size=(d, v)), jnp.float32)},
+              "layer": {"w": jnp.asarray(rng.normal(size=(d, d)), jnp.float32)}}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    base = step.RLConfig(learning_rate=1e-3)
+    plain = step.make_optimizer(base)
+    scaled = step.make_optimizer(step.RLConfig(learning_rate=1e-3, score_token_ids=ids, score_lr_scale=50.0))
+    for _ in range(2):  # the second step reads Adam's moments: they must be the unscaled ones
+        u0, s0 = plain.update(grads, plain.init(params) if _ == 0 else s0, params)
+        u1, s1 = scaled.update(grads, scaled.init(params) if _ == 0 else s1, params)
+    e0, e1 = np.asarray(u0["text"]["embed"]), np.asarray(u1["text"]["embed"])
+    k0, k1 = np.asarray(u0["lm_head"]["kernel"]), np.asarray(u1["lm_head"]["kernel"])
+    rows = np.isin(np.arange(v), ids)
+    np.testing.assert_allclose(e1[rows], 50.0 * e0[rows], rtol=1e-6)
+    np.testing.assert_array_equal(e1[~rows], e0[~rows])
+    np.testing.assert_allclose(k1[:, rows], 50.0 * k0[:, rows], rtol=1e-6)
+    np.testing.assert_array_equal(k1[:, ~rows], k0[:, ~rows])
+    np.testing.assert_array_equal(np.asarray(u1["layer"]["w"]), np.asarray(u0["layer"]["w"]))
+    with pytest.raises(ValueError, match="score_token_ids"):
+        step.RLConfig(score_lr_scale=2.0)
+
+
+def test_score_token_ids_need_one_token_per_digit():
+    from vlcal_jax.training import loop
+
+    class Digits:
+        def __init__(self, split):
+            self.split = split
+
+        def encode(self, text, add_special_tokens=False):
+            return [100 + int(text)] + ([5] if self.split and text == "7" else [])
+
+    assert loop.score_token_ids(Digits(False)) == tuple(range(100, 110))
+    with pytest.raises(ValueError, match="'7'"):
+        loop.score_token_ids(Digits(True))

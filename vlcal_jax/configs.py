@@ -146,6 +146,10 @@ def default_config() -> ml_collections.ConfigDict:
     # (grpo.confidence_entropy_advantages): keeps the confidence policy spread while it learns to
     # rank, where plain GRPO + Brier collapses it to one digit. Not the paper's objective.
     c.rl.confidence_entropy_bonus = 0.0
+    # != 1: the output rows of the digit tokens "0".."9" take updates this many times larger (input
+    # rows too when the embedding is tied), so the stated scores can learn to read the state within
+    # a short run; the rest of the model keeps rl.learning_rate. Not the paper's.
+    c.rl.score_lr_scale = 1.0
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0

@@ -69,8 +69,15 @@ class RLConfig:
     # / image_std): the VCE perturbations' black, grey and noise bounds are pixels normalised with it.
     image_mean: tuple[float, ...] = perturb.QWEN3_VL_MEAN
     image_std: tuple[float, ...] = perturb.QWEN3_VL_STD
+    # The output rows of these tokens (the score digits, rl.score_lr_scale) take updates this many
+    # times larger than the optimizer's; with tied embeddings their input rows too. Not the paper's.
+    score_token_ids: tuple[int, ...] = ()
+    score_lr_scale: float = 1.0
 
     def __post_init__(self):
+        object.__setattr__(self, "score_token_ids", tuple(int(i) for i in self.score_token_ids))
+        if self.score_lr_scale != 1.0 and not self.score_token_ids:
+            raise ValueError(f"RLConfig.score_lr_scale={self.score_lr_scale} needs score_token_ids (the digit tokens)")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature={self.temperature} must be > 0: it divides the logits of the "
                              "update (set rl.temperature to the rollouts' sampling temperature)")
@@ -272,9 +279,34 @@ def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
     """AdamW with global-norm clipping (PAPER.md section 6: lr 1e-6, wd 1e-2, clip 1.0)."""
     schedule = (optax.linear_schedule(0.0, rl.learning_rate, rl.warmup_steps) if rl.warmup_steps
                 else rl.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(rl.grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=rl.weight_decay,
-                                   mu_dtype=jnp.dtype(rl.adam_mu_dtype) if rl.adam_mu_dtype else None))
+    adamw = optax.chain(optax.clip_by_global_norm(rl.grad_clip),
+                        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=rl.weight_decay,
+                                    mu_dtype=jnp.dtype(rl.adam_mu_dtype) if rl.adam_mu_dtype else None))
+    if rl.score_lr_scale == 1.0:
+        return adamw
+    return optax.chain(adamw, scale_token_rows(rl.score_token_ids, rl.score_lr_scale))
+
+
+def scale_token_rows(token_ids: tuple[int, ...], scale: float) -> optax.GradientTransformation:
+    """Multiplies the updates of the output rows of `token_ids` by `scale`: columns of
+    `lm_head/kernel` [D, V], rows of a tied `text/embed` [V, D] (which are also the tokens' input
+    embeddings). Every other update passes unchanged."""
+    ids = jnp.asarray(token_ids, jnp.int32)
+
+    def update(updates, state, params=None):
+        del params
+
+        def one(path, u):
+            name = parallel.path_str(path)
+            if name.endswith("lm_head/kernel"):
+                return u.at[:, ids].multiply(jnp.asarray(scale, u.dtype))
+            if name.endswith("text/embed"):
+                return u.at[ids].multiply(jnp.asarray(scale, u.dtype))
+            return u
+
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:

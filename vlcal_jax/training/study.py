@@ -125,7 +125,8 @@ def soft_label_auroc(model, examples, records, config) -> float | None:
     if not rows:
         return None
     m = config.rl.max_new_tokens
-    rl = dataclasses.replace(loop.rl_config(config, model.image_config), samples_per_prompt=1, micro_batch_size=0)
+    rl = dataclasses.replace(loop.rl_config(config, model.image_config, model.tokenizer), samples_per_prompt=1,
+                             micro_batch_size=0)
     eos = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
     kls, entropies, has_vision = [], [], []
     size = config.eval.batch_size
