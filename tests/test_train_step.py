@@ -471,3 +471,20 @@ def test_score_token_ids_need_one_token_per_digit():
     assert loop.score_token_ids(Digits(False)) == tuple(range(100, 110))
     with pytest.raises(ValueError, match="'7'"):
         loop.score_token_ids(Digits(True))
+
+
+def test_untie_head_keeps_the_logits_and_frees_the_output_rows():
+    from vlcal_jax import parallel
+    from vlcal_jax.training import model_setup
+
+    config = U.tiny_config(layers=1, depth=1, deepstack=(0,), tie=True)
+    params = jax.tree.map(jnp.asarray, U.random_params(config))
+    inputs, _ = U.rollout_inputs(config, prompts=2, n=1, response_len=4)
+    mesh = parallel.make_mesh()
+    untied_config, untied = model_setup.untie_head(config, params, mesh)
+    assert not untied_config.tie_word_embeddings and "lm_head" not in params
+    np.testing.assert_array_equal(np.asarray(untied["lm_head"]["kernel"]), np.asarray(params["text"]["embed"]).T)
+    before = qwen3_vl.apply(config, params, inputs)
+    after = qwen3_vl.apply(untied_config, untied, inputs)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-6, atol=1e-6)
+    assert model_setup.untie_head(untied_config, untied, mesh)[1] is untied  # already untied: unchanged

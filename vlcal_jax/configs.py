@@ -150,6 +150,10 @@ def default_config() -> ml_collections.ConfigDict:
     # rows too when the embedding is tied), so the stated scores can learn to read the state within
     # a short run; the rest of the model keeps rl.learning_rate. Not the paper's.
     c.rl.score_lr_scale = 1.0
+    # True: a model with tied embeddings gets, at the start of RL, an output projection of its own
+    # (a copy of the embedding; the reference model too), so that rl.score_lr_scale moves the
+    # digits' output rows without moving their input embeddings. Not the paper's.
+    c.rl.untie_head = False
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0

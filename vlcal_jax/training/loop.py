@@ -259,8 +259,12 @@ def _run(config: ml_collections.ConfigDict, preemption: Preemption) -> dict:
     summary: dict = {"workdir": run_dir.root}
 
     params = warm_stage(config, run_dir, model_config, params, tokenizer, image_config, data, writer, preemption)
+    if config.rl.untie_head and model_config.tie_word_embeddings:
+        model_config, params = model_setup.untie_head(model_config, params, mesh)
+        log.info("rl.untie_head: the output projection is a copy of the embedding from here on, trained apart")
     ctx = Context(config=config, model_config=model_config, tokenizer=tokenizer, image_config=image_config,
-                  rl=rl_config(config, image_config, tokenizer), eos_ids=tuple(model_setup.eos_ids(tokenizer)), writer=writer)
+                  rl=rl_config(config, image_config, tokenizer), eos_ids=tuple(model_setup.eos_ids(tokenizer)),
+                  writer=writer)
     evaluator = evaluation.Evaluator(config, model_config, tokenizer, image_config, data.eval_examples, run_dir)
 
     # the reference model = the RL starting point, frozen, stored in the compute dtype

@@ -112,3 +112,15 @@ def to_memory(tree, kind: str):
 def _cast(x, dtype):
     return x.astype(dtype)
 
+
+
+def untie_head(model_config: models.ModelConfig, params, mesh):
+    """(config, params) of a tied-embedding model with an output projection of its own: `lm_head/kernel`
+    [D, V] = the embedding transposed (the same logits), sharded by the mesh's rules (rl.untie_head)."""
+    from vlcal_jax import parallel  # pylint: disable=import-outside-toplevel
+
+    if not model_config.tie_word_embeddings:
+        return model_config, params
+    params = dict(params)
+    params["lm_head"] = {"kernel": jnp.array(params["text"]["embed"]).T}
+    return dataclasses.replace(model_config, tie_word_embeddings=False), parallel.shard_params(params, mesh)
