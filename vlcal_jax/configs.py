@@ -143,12 +143,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.post_answer_advantage = "shared"
     c.rl.post_answer_weight = 1.0  # "reward_to_go": the after-answer advantages are multiplied by this
     # > 0: a maximum-entropy bonus on the first token of each stated score, added to its advantage
-    # (grpo.confidence_entropy_advantages): keeps the confidence policy spread while it learns to
-    # rank, where plain GRPO + Brier collapses it to one digit. Not the paper's objective.
+    # (grpo.confidence_entropy_advantages): keeps the sampled confidences spread where plain GRPO +
+    # Brier collapses them to one digit (README, "Keeping the spread": it did not make them rank on
+    # the demo). Not the paper's objective.
     c.rl.confidence_entropy_bonus = 0.0
     # != 1: the output rows of the digit tokens "0".."9" take updates this many times larger (input
-    # rows too when the embedding is tied), so the stated scores can learn to read the state within
-    # a short run; the rest of the model keeps rl.learning_rate. Not the paper's.
+    # rows too when the embedding is tied), so that the stated scores can move within a short run;
+    # the rest of the model keeps rl.learning_rate. Not the paper's.
     c.rl.score_lr_scale = 1.0
     # True: a model with tied embeddings gets, at the start of RL, an output projection of its own
     # (a copy of the embedding; the reference model too), so that rl.score_lr_scale moves the

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlcal_jax import models, processing
+from vlcal_jax import models, parallel, processing
 from vlcal_jax.parallel import multihost
 from vlcal_jax.training import export, warm
 
@@ -113,12 +113,9 @@ def _cast(x, dtype):
     return x.astype(dtype)
 
 
-
 def untie_head(model_config: models.ModelConfig, params, mesh):
     """(config, params) of a tied-embedding model with an output projection of its own: `lm_head/kernel`
     [D, V] = the embedding transposed (the same logits), sharded by the mesh's rules (rl.untie_head)."""
-    from vlcal_jax import parallel  # pylint: disable=import-outside-toplevel
-
     if not model_config.tie_word_embeddings:
         return model_config, params
     params = dict(params)
