@@ -143,3 +143,49 @@ def test_probe_cli_end_to_end(world, model_dir, tmp_path, monkeypatch, capsys): 
     with pytest.raises(ValueError, match="only 0 of 12 answers state both confidences"):
         probe_cli.main(["--model_path", str(model_dir), "--data_dir", str(data), "--out", str(tmp_path / "out"),
                         "--batch_size", "4", "--max_new_tokens", "512"])
+
+
+def test_readout_splits_level_from_scene_and_the_changes_add_up():
+    from vlcal_jax import readout
+
+    same = np.tile(np.arange(10.0), (5, 1))  # every scene the same logits: level 9, scene 0
+    assert readout.level_and_scene(same) == {"level": 9.0, "scene": 0.0}
+    shifted = same + np.arange(5.0)[:, None]  # a shift shared by the ten digits changes nothing
+    assert readout.level_and_scene(shifted) == {"level": 9.0, "scene": 0.0}
+    varied = same.copy()
+    varied[:, 0] += [0, 0, 0, 0, 5.0]
+    got = readout.level_and_scene(varied)
+    centred = varied - varied.mean(1, keepdims=True)
+    assert got["scene"] == pytest.approx(centred.std(0).mean()) and got["scene"] > 0
+    rng = np.random.default_rng(0)
+    h0, h1, w0, w1 = rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), rng.normal(size=(10, 4)), rng.normal(size=(10, 4))
+    np.testing.assert_allclose(h0 @ (w1 - w0).T + (h1 - h0) @ w1.T, h1 @ w1.T - h0 @ w0.T, atol=1e-12)
+    parts = readout.decompose(h0, h0, w0, w0)
+    assert parts["change_from_the_rows"] == parts["change_from_the_states"] == {"level": 0.0, "scene": 0.0}
+
+
+def test_readout_cli_end_to_end(world, model_dir, tmp_path, monkeypatch):  # noqa: F811
+    from vlcal_jax import readout
+
+    samples, tokenizer, config, params, _ = world
+    data = tmp_path / "scenes"
+    scenes.write_dataset(data, 12, seed=5, test_fraction=0.5)
+    by_id = {s.id: s for s in scenes.generate_samples(12, seed=5)}
+    examples = load_examples("scenes", str(data), split="test")
+    responses = [scenes.teacher_response(by_id[e.id]) for e in examples]
+    reports = {}
+    for name, weights in {"same": params, "scaled": jax.tree.map(lambda leaf: leaf * 1.5, params)}.items():
+        store = checkpoints.ParamsStore(str(tmp_path / name))
+        store.save(weights)
+        store.close()
+        fake, _ = fake_generation(tokenizer, responses)
+        monkeypatch.setattr(sampling, "sample", fake)
+        reports[name] = readout.main(["--model_path", str(model_dir), "--warm_start", str(tmp_path / name),
+                                      "--data_dir", str(data), "--batch_size", "4", "--max_new_tokens", "512"])
+    same, scaled = reports["same"], reports["scaled"]
+    assert same["answers"] == len(examples) == scaled["answers"]
+    assert same["logits_before"] == pytest.approx(same["logits_after"])  # the warm start is the model itself
+    assert same["change_from_the_rows"] == same["change_from_the_states"] == {"level": 0.0, "scene": 0.0}
+    assert scaled["change_from_the_rows"]["level"] > 0 and scaled["logits_after"] == pytest.approx(same["logits_after"])
+    with pytest.raises(FileNotFoundError, match="--warm_start"):
+        readout.main(["--model_path", str(model_dir), "--warm_start", str(tmp_path / "missing"), "--data_dir", str(data)])
