@@ -20,9 +20,9 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 from typing import Sequence
 
+from vlcal_jax import cli
 from vlcal_jax.data import RecordReader, benchmarks
 from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.rl.format import MODES
@@ -114,10 +114,4 @@ def main(argv: Sequence[str] | None = None) -> evaluation.EvalResult:
     return result
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jax._src").setLevel(logging.WARNING)  # not "Unable to initialize backend 'tpu'" on CPU
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

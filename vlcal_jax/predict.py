@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Sequence
 
 import PIL.Image
 
-from vlcal_jax import processing
+from vlcal_jax import cli, processing
 from vlcal_jax.data import Example
 from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.rl import format as rformat
@@ -101,9 +100,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_prediction(prediction))
     return prediction
 
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, log=False)

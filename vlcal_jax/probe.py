@@ -20,9 +20,9 @@ import argparse
 import json
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
+from vlcal_jax import cli
 from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.eval import probe
 from vlcal_jax.evaluate import load_examples
@@ -164,10 +164,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jax._src").setLevel(logging.WARNING)
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)

@@ -19,11 +19,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from typing import Any, Sequence
 
 import numpy as np
 
+from vlcal_jax import cli
 from vlcal_jax import probe as probe_cli
 from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.eval import probe
@@ -117,10 +117,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jax._src").setLevel(logging.WARNING)
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main)
