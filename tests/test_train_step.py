@@ -443,9 +443,10 @@ def test_score_lr_scale_multiplies_only_the_digit_rows_updates():
     base = step.RLConfig(learning_rate=1e-3)
     plain = step.make_optimizer(base)
     scaled = step.make_optimizer(step.RLConfig(learning_rate=1e-3, score_token_ids=ids, score_lr_scale=50.0))
+    s0, s1 = plain.init(params), scaled.init(params)
     for _ in range(2):  # the second step reads Adam's moments: they must be the unscaled ones
-        u0, s0 = plain.update(grads, plain.init(params) if _ == 0 else s0, params)
-        u1, s1 = scaled.update(grads, scaled.init(params) if _ == 0 else s1, params)
+        u0, s0 = plain.update(grads, s0, params)
+        u1, s1 = scaled.update(grads, s1, params)
     e0, e1 = np.asarray(u0["text"]["embed"]), np.asarray(u1["text"]["embed"])
     k0, k1 = np.asarray(u0["lm_head"]["kernel"]), np.asarray(u1["lm_head"]["kernel"])
     rows = np.isin(np.arange(v), ids)
@@ -459,7 +460,7 @@ def test_score_lr_scale_multiplies_only_the_digit_rows_updates():
 
 
 def test_score_token_ids_need_one_token_per_digit():
-    from vlcal_jax.training import loop
+    from vlcal_jax.rl import rollout
 
     class Digits:
         def __init__(self, split):
@@ -468,9 +469,9 @@ def test_score_token_ids_need_one_token_per_digit():
         def encode(self, text, add_special_tokens=False):
             return [100 + int(text)] + ([5] if self.split and text == "7" else [])
 
-    assert loop.score_token_ids(Digits(False)) == tuple(range(100, 110))
+    assert rollout.score_token_ids(Digits(False)) == tuple(range(100, 110))
     with pytest.raises(ValueError, match="'7'"):
-        loop.score_token_ids(Digits(True))
+        rollout.score_token_ids(Digits(True))
 
 
 def test_untie_head_keeps_the_logits_and_frees_the_output_rows():

@@ -29,6 +29,7 @@ from vlcal_jax.eval import evaluate as evaluation
 from vlcal_jax.eval import probe
 from vlcal_jax.evaluate import load_examples
 from vlcal_jax.models import text
+from vlcal_jax.rl import rollout
 from vlcal_jax.training import export
 
 MAX_NEW_TOKENS = 128
@@ -52,13 +53,6 @@ def decompose(before_states, after_states, before_rows, after_rows) -> dict[str,
     return {"logits_before": level_and_scene(h0 @ w0.T), "logits_after": level_and_scene(h1 @ w1.T),
             "change_from_the_rows": level_and_scene(h0 @ (w1 - w0).T),
             "change_from_the_states": level_and_scene((h1 - h0) @ w1.T)}
-
-
-def digit_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError("the tokenizer does not write each digit 0-9 as one token; the readout needs one row per digit")
-    return [i[0] for i in ids]
 
 
 def _warm_start(directory: str, config, params):
@@ -104,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if int(kept.sum()) < 2:
         raise ValueError(f"{args.model_path}: {int(kept.sum())} of {len(examples)} answers state both confidences; "
                          "the readout needs a model that answers in the decoupled format")
-    ids = digit_ids(tokenizer)
+    ids = list(rollout.score_token_ids(tokenizer))
     rows = [np.asarray(text.lm_head_kernel(c, p)).T[ids] for c, p in ((before_config, before), (after_config, after))]
     return {"answers": int(kept.sum()), "state_norm": float(np.linalg.norm(states[0].mean(0))),
             "state_scene_spread": float(np.linalg.norm(states[0].std(0))), **decompose(*states, *rows)}

@@ -30,19 +30,6 @@ from vlcal_jax.training import checkpoints, data_setup, evaluation, export, logs
 log = logging.getLogger("vlcal_jax.train")
 
 
-def score_token_ids(tokenizer) -> tuple[int, ...]:
-    """The ids of the ten digit tokens "0".."9" with which a score is written; an error when the
-    tokenizer does not write a digit as one token of its own."""
-    ids = []
-    for digit in "0123456789":
-        encoded = tokenizer.encode(digit, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise ValueError(f"rl.score_lr_scale: the tokenizer writes the digit {digit!r} as {encoded}, not one "
-                             "token; leave rl.score_lr_scale at 1.0 for this tokenizer")
-        ids.append(int(encoded[0]))
-    return tuple(ids)
-
-
 def rl_config(config: ml_collections.ConfigDict, image_config=None, tokenizer=None) -> step.RLConfig:
     """The update's RLConfig from `config.rl`; VCE perturbations are normalised with the statistics
     of the image processor that made the pixel values (`image_config`, default Qwen3-VL's).
@@ -53,7 +40,7 @@ def rl_config(config: ml_collections.ConfigDict, image_config=None, tokenizer=No
     if r.score_lr_scale != 1.0:
         if tokenizer is None:
             raise ValueError("rl.score_lr_scale != 1 needs the tokenizer (its digit tokens)")
-        stats.update(score_token_ids=score_token_ids(tokenizer), score_lr_scale=float(r.score_lr_scale))
+        stats.update(score_token_ids=rollout.score_token_ids(tokenizer), score_lr_scale=float(r.score_lr_scale))
     return step.RLConfig(**stats,
         loss=r.loss, samples_per_prompt=r.samples_per_prompt, clip_low=r.clip_low, clip_high=r.clip_high,
         dual_clip=r.dual_clip, kl_coef=r.kl_coef, w_min=r.w_min, w_max=r.w_max, lambda_tar=r.lambda_tar,
