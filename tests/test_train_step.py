@@ -436,27 +436,99 @@ def test_sharded_step_equals_one_device_step(sharded_run):
 def test_score_lr_scale_multiplies_only_the_digit_rows_updates():
     rng = np.random.default_rng(0)
     v, d, ids = 12, 4, (3, 7)
+    rows = np.isin(np.arange(v), ids)
+    embed = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+    untied = {"text": {"embed": embed}, "lm_head": {"kernel": jnp.asarray(rng.normal(size=(d, v)), jnp.float32)},
+              "layer": {"w": jnp.asarray(rng.normal(size=(d, d)), jnp.float32)}}
+    tied = {"text": {"embed": embed}, "layer": untied["layer"]}
+    for params in (untied, tied):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        plain = step.make_optimizer(step.RLConfig(learning_rate=1e-3))
+        scaled = step.make_optimizer(step.RLConfig(learning_rate=1e-3, score_token_ids=ids, score_lr_scale=50.0))
+        s0, s1 = plain.init(params), scaled.init(params)
+        for _ in range(2):  # the second step reads Adam's moments: they must be the unscaled ones
+            u0, s0 = plain.update(grads, s0, params)
+            u1, s1 = scaled.update(grads, s1, params)
+        e0, e1 = np.asarray(u0["text"]["embed"]), np.asarray(u1["text"]["embed"])
+        if "lm_head" in params:  # the output rows are the head's; the input embeddings keep their update
+            k0, k1 = np.asarray(u0["lm_head"]["kernel"]), np.asarray(u1["lm_head"]["kernel"])
+            np.testing.assert_allclose(k1[:, rows], 50.0 * k0[:, rows], rtol=1e-6)
+            np.testing.assert_array_equal(k1[:, ~rows], k0[:, ~rows])
+            np.testing.assert_array_equal(e1, e0)
+        else:  # tied: the embedding's rows are the output rows
+            np.testing.assert_allclose(e1[rows], 50.0 * e0[rows], rtol=1e-6)
+            np.testing.assert_array_equal(e1[~rows], e0[~rows])
+        np.testing.assert_array_equal(np.asarray(u1["layer"]["w"]), np.asarray(u0["layer"]["w"]))
+    with pytest.raises(ValueError, match="score_token_ids"):
+        step.RLConfig(score_lr_scale=2.0)
+
+
+def _adam_steps(grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """NumPy Adam's updates for a list of gradients (bias-corrected, no weight decay)."""
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads, 1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        out.append(-lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps))
+    return out
+
+
+def test_split_score_level_matches_a_numpy_rederivation():
+    """w_k = v_k + b_k mu / |mu|^2: v_k takes the plain optimizer's update of the gradient without its
+    mu component (projected again), b_k Adam on g_k . mu / |mu|^2; everything else is untouched, and
+    with the direction unset it is the plain optimizer."""
+    rng = np.random.default_rng(1)
+    v, d, ids, lr, scale = 12, 5, (2, 9), 1e-3, 20.0
     params = {"text": {"embed": jnp.asarray(rng.normal(size=(v, d)), jnp.float32)},
               "lm_head": {"kernel": jnp.asarray(rng.normal(size=(d, v)), jnp.float32)},
               "layer": {"w": jnp.asarray(rng.normal(size=(d, d)), jnp.float32)}}
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-    base = step.RLConfig(learning_rate=1e-3)
-    plain = step.make_optimizer(base)
-    scaled = step.make_optimizer(step.RLConfig(learning_rate=1e-3, score_token_ids=ids, score_lr_scale=50.0))
-    s0, s1 = plain.init(params), scaled.init(params)
-    for _ in range(2):  # the second step reads Adam's moments: they must be the unscaled ones
-        u0, s0 = plain.update(grads, s0, params)
-        u1, s1 = scaled.update(grads, s1, params)
-    e0, e1 = np.asarray(u0["text"]["embed"]), np.asarray(u1["text"]["embed"])
-    k0, k1 = np.asarray(u0["lm_head"]["kernel"]), np.asarray(u1["lm_head"]["kernel"])
-    rows = np.isin(np.arange(v), ids)
-    np.testing.assert_allclose(e1[rows], 50.0 * e0[rows], rtol=1e-6)
-    np.testing.assert_array_equal(e1[~rows], e0[~rows])
-    np.testing.assert_allclose(k1[:, rows], 50.0 * k0[:, rows], rtol=1e-6)
-    np.testing.assert_array_equal(k1[:, ~rows], k0[:, ~rows])
-    np.testing.assert_array_equal(np.asarray(u1["layer"]["w"]), np.asarray(u0["layer"]["w"]))
-    with pytest.raises(ValueError, match="score_token_ids"):
-        step.RLConfig(score_lr_scale=2.0)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(3)]
+    rl = dict(learning_rate=lr, weight_decay=0.0, grad_clip=1e9, score_token_ids=ids, score_lr_scale=scale)
+    split = step.make_optimizer(step.RLConfig(**rl, score_level_split=True))
+    plain = step.make_optimizer(step.RLConfig(**rl))
+    state = split.init(params)
+    assert state.direction.shape == (d,) and not np.any(np.asarray(state.direction))
+    unset, _ = split.update(grads[0], state, params)  # no direction yet: the plain optimizer
+    same, _ = plain.update(grads[0], plain.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), unset, same)
+
+    mu = rng.normal(size=d) + 4.0
+    state = step.set_score_direction(step.TrainState(jnp.zeros((), jnp.int32), params, state), mu).opt_state
+    unit = mu / np.linalg.norm(mu)
+    projected = [jax.tree.map(lambda x: x, g) for g in grads]
+    for g in projected:  # the plain optimizer sees the digit columns without their mu component
+        k = np.array(g["lm_head"]["kernel"])
+        k[:, list(ids)] -= np.outer(unit, unit @ k[:, list(ids)])
+        g["lm_head"] = {"kernel": jnp.asarray(k)}
+    plain_state = plain.init(params)
+    level = [np.asarray(g["lm_head"]["kernel"])[:, list(ids)].T @ mu / (mu @ mu) for g in grads]
+    level_updates = _adam_steps(level, lr * scale)
+    for t in range(3):
+        got, state = split.update(grads[t], state, params)
+        ref, plain_state = plain.update(projected[t], plain_state, params)
+        k_ref = np.asarray(ref["lm_head"]["kernel"])[:, list(ids)]
+        k_ref = k_ref - np.outer(unit, unit @ k_ref) + np.outer(mu / (mu @ mu), level_updates[t])
+        k_got = np.asarray(got["lm_head"]["kernel"])
+        np.testing.assert_allclose(k_got[:, list(ids)], k_ref, rtol=1e-5, atol=1e-9)
+        others = ~np.isin(np.arange(v), ids)
+        np.testing.assert_array_equal(k_got[:, others], np.asarray(ref["lm_head"]["kernel"])[:, others])
+        np.testing.assert_array_equal(np.asarray(got["text"]["embed"]), np.asarray(ref["text"]["embed"]))
+        np.testing.assert_array_equal(np.asarray(got["layer"]["w"]), np.asarray(ref["layer"]["w"]))
+        # at the state mu itself, a digit's logit moves by its level's update alone
+        np.testing.assert_allclose(mu @ k_got[:, list(ids)], level_updates[t], rtol=1e-4)
+    with pytest.raises(ValueError, match="score_level_split"):
+        step.RLConfig(score_level_split=True)
+
+
+def test_score_state_sum_is_the_masked_sum_of_the_states(scoring):
+    config, params, _, inputs, _, _, _, _ = scoring
+    m = M
+    hidden = np.asarray(step.response_hidden(config, params, inputs, m), np.float64)
+    mask = np.zeros(hidden.shape[:2], bool)
+    mask[0, 1] = mask[-1, m - 1] = True
+    total, count = step.score_state_sum(config, params, inputs, mask, m)
+    np.testing.assert_allclose(np.asarray(total), hidden[0, 1] + hidden[-1, m - 1], rtol=1e-5, atol=1e-6)
+    assert float(count) == 2.0
 
 
 def test_score_token_ids_need_one_token_per_digit():

@@ -155,6 +155,11 @@ def default_config() -> ml_collections.ConfigDict:
     # (a copy of the embedding; the reference model too), so that rl.score_lr_scale moves the
     # digits' output rows without moving their input embeddings. Not the paper's.
     c.rl.untie_head = False
+    # True: the digits' output rows are optimised as a level along the mean state at the score
+    # tokens (taken at the first RL step) plus a part orthogonal to it, each with its own Adam
+    # (step.split_score_level), so that an update can change how the stated score varies from
+    # scene to scene without being swamped by its shared level. Use with rl.untie_head. Not the paper's.
+    c.rl.score_level_split = False
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0

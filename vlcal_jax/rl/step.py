@@ -73,11 +73,16 @@ class RLConfig:
     # times larger than the optimizer's; with tied embeddings their input rows too. Not the paper's.
     score_token_ids: tuple[int, ...] = ()
     score_lr_scale: float = 1.0
+    # True: the output rows of score_token_ids are optimised as a per-token level along the mean
+    # state at the score tokens plus a part orthogonal to it (split_score_level). Not the paper's.
+    score_level_split: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "score_token_ids", tuple(int(i) for i in self.score_token_ids))
         if self.score_lr_scale != 1.0 and not self.score_token_ids:
             raise ValueError(f"RLConfig.score_lr_scale={self.score_lr_scale} needs score_token_ids (the digit tokens)")
+        if self.score_level_split and not self.score_token_ids:
+            raise ValueError("RLConfig.score_level_split=True needs score_token_ids (the digit tokens)")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature={self.temperature} must be > 0: it divides the logits of the "
                              "update (set rl.temperature to the rollouts' sampling temperature)")
@@ -276,37 +281,119 @@ def loss_fn(params, config: ModelConfig, rl: RLConfig, batch: RLBatch):
 
 
 def make_optimizer(rl: RLConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping (PAPER.md section 6: lr 1e-6, wd 1e-2, clip 1.0)."""
+    """AdamW with global-norm clipping (PAPER.md section 6: lr 1e-6, wd 1e-2, clip 1.0); with
+    rl.score_lr_scale != 1 the digits' output rows take scaled updates (scale_token_rows), and with
+    rl.score_level_split their level and their orthogonal part are optimised apart (split_score_level)."""
     schedule = (optax.linear_schedule(0.0, rl.learning_rate, rl.warmup_steps) if rl.warmup_steps
                 else rl.learning_rate)
-    adamw = optax.chain(optax.clip_by_global_norm(rl.grad_clip),
-                        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=rl.weight_decay,
-                                    mu_dtype=jnp.dtype(rl.adam_mu_dtype) if rl.adam_mu_dtype else None))
-    if rl.score_lr_scale == 1.0:
-        return adamw
-    return optax.chain(adamw, scale_token_rows(rl.score_token_ids, rl.score_lr_scale))
+    optimizer = optax.chain(optax.clip_by_global_norm(rl.grad_clip),
+                            optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=rl.weight_decay,
+                                        mu_dtype=jnp.dtype(rl.adam_mu_dtype) if rl.adam_mu_dtype else None))
+    if rl.score_lr_scale != 1.0:
+        optimizer = optax.chain(optimizer, scale_token_rows(rl.score_token_ids, rl.score_lr_scale))
+    if rl.score_level_split:
+        optimizer = split_score_level(optimizer, rl.score_token_ids, rl.learning_rate * rl.score_lr_scale)
+    return optimizer
+
+
+def _output_rows(tree, ids):
+    """The output rows [K, D] of tokens `ids` in a params-shaped tree: columns of
+    `lm_head/kernel` [D, V], or rows of `text/embed` [V, D] when there is no head (tied)."""
+    if "lm_head" in tree:
+        return tree["lm_head"]["kernel"][:, ids].T
+    return tree["text"]["embed"][ids]
+
+
+def _with_output_rows(tree, ids, rows):
+    if "lm_head" in tree:
+        kernel = tree["lm_head"]["kernel"]
+        return {**tree, "lm_head": {**tree["lm_head"], "kernel": kernel.at[:, ids].set(rows.T.astype(kernel.dtype))}}
+    embed = tree["text"]["embed"]
+    return {**tree, "text": {**tree["text"], "embed": embed.at[ids].set(rows.astype(embed.dtype))}}
 
 
 def scale_token_rows(token_ids: tuple[int, ...], scale: float) -> optax.GradientTransformation:
     """Multiplies the updates of the output rows of `token_ids` by `scale`: columns of
-    `lm_head/kernel` [D, V], rows of a tied `text/embed` [V, D] (which are also the tokens' input
-    embeddings). Every other update passes unchanged."""
+    `lm_head/kernel` [D, V], or, when the embedding is tied (no `lm_head`), rows of `text/embed`
+    [V, D] (which are also the tokens' input embeddings). Every other update passes unchanged."""
     ids = jnp.asarray(token_ids, jnp.int32)
 
     def update(updates, state, params=None):
         del params
-
-        def one(path, u):
-            name = parallel.path_str(path)
-            if name.endswith("lm_head/kernel"):
-                return u.at[:, ids].multiply(jnp.asarray(scale, u.dtype))
-            if name.endswith("text/embed"):
-                return u.at[ids].multiply(jnp.asarray(scale, u.dtype))
-            return u
-
-        return jax.tree_util.tree_map_with_path(one, updates), state
+        return _with_output_rows(updates, ids, _output_rows(updates, ids) * scale), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class ScoreLevelState(NamedTuple):
+    """split_score_level's state: the direction (zeros until set_score_direction), the Adam state
+    of the K levels, and the wrapped optimizer's state."""
+    direction: jax.Array  # [D] float32
+    level: optax.OptState
+    inner: optax.OptState
+
+
+def split_score_level(inner: optax.GradientTransformation, token_ids: tuple[int, ...],
+                      level_learning_rate: float) -> optax.GradientTransformation:
+    """Optimises the output rows w_k of `token_ids` (the score digits) in the coordinates
+    w_k = v_k + b_k mu / |mu|^2, v_k orthogonal to mu, where mu is the mean final state at the
+    score tokens (ScoreLevelState.direction). At a state h = mu + delta the logit is
+    w_k . h = b_k + v_k . delta (+ b_k mu.delta / |mu|^2): b_k is the level the digit has at
+    every scene, v_k how it varies from scene to scene. In the plain coordinates both move
+    together and the level dominates (|mu| is 10 times the scene-to-scene spread at the demo's
+    warm start, README "Where the updates go"), so a policy gradient that should rank the
+    scenes only shifts the level. Here v_k takes `inner`'s update of the gradient with its mu
+    component removed (then projected orthogonal to mu again, which also drops weight decay's
+    mu component), and b_k a separate Adam step (`level_learning_rate`) on dL/db_k =
+    g_k . mu / |mu|^2. Every other parameter takes `inner`'s update unchanged. With a zero
+    direction (before set_score_direction) this is `inner` itself. Not the paper's."""
+    ids = jnp.asarray(token_ids, jnp.int32)
+    level_opt = optax.adam(level_learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+
+    def init(params):
+        # optax.tree_map_params (init_state) inits with one placeholder object for the params
+        width = _output_rows(params, ids).shape[1] if isinstance(params, dict) else 0
+        return ScoreLevelState(jnp.zeros((width,), jnp.float32), level_opt.init(jnp.zeros((len(token_ids),),
+                                                                                           jnp.float32)),
+                               inner.init(params))
+
+    def update(grads, state, params=None):
+        mu = state.direction.astype(jnp.float32)
+        mu2 = jnp.sum(mu * mu)
+        on = mu2 > 0
+        unit = mu * jax.lax.rsqrt(jnp.where(on, mu2, 1.0))
+        rows = _output_rows(grads, ids).astype(jnp.float32)
+        level_grad = jnp.where(on, rows @ mu / jnp.where(on, mu2, 1.0), 0.0)
+        grads = _with_output_rows(grads, ids, rows - jnp.outer(rows @ unit, unit))
+        updates, inner_state = inner.update(grads, state.inner, params)
+        level_update, level_state = level_opt.update(level_grad, state.level)
+        rows = _output_rows(updates, ids).astype(jnp.float32)
+        rows = rows - jnp.outer(rows @ unit, unit) + jnp.outer(level_update, mu / jnp.where(on, mu2, 1.0))
+        return _with_output_rows(updates, ids, rows), ScoreLevelState(state.direction, level_state, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def score_direction_unset(state: TrainState) -> bool:
+    """True when `state` has a split_score_level optimizer whose direction is still zero."""
+    opt = state.opt_state
+    return isinstance(opt, ScoreLevelState) and not bool(jnp.any(opt.direction != 0))
+
+
+def set_score_direction(state: TrainState, direction) -> TrainState:
+    """`state` with split_score_level's direction set to `direction` [D] (kept on the old one's devices)."""
+    old = state.opt_state.direction
+    new = jax.device_put(jnp.asarray(direction, jnp.float32).reshape(old.shape), old.sharding)
+    return state._replace(opt_state=state.opt_state._replace(direction=new))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def score_state_sum(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, score_mask, num_response: int):
+    """(sum [D] float32 of the final states that predict the tokens of `score_mask` [N, M], their
+    number): the mean state at the score tokens, split_score_level's direction."""
+    hidden = response_hidden(config, params, inputs, num_response).astype(jnp.float32)
+    mask = jnp.asarray(score_mask, jnp.float32)
+    return jnp.einsum("nm,nmd->d", mask, hidden), jnp.sum(mask)
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:

@@ -33,14 +33,15 @@ log = logging.getLogger("vlcal_jax.train")
 def rl_config(config: ml_collections.ConfigDict, image_config=None, tokenizer=None) -> step.RLConfig:
     """The update's RLConfig from `config.rl`; VCE perturbations are normalised with the statistics
     of the image processor that made the pixel values (`image_config`, default Qwen3-VL's).
-    `tokenizer`: for rl.score_lr_scale != 1, whose digit tokens it scales."""
+    `tokenizer`: for rl.score_lr_scale != 1 and rl.score_level_split, whose digit tokens they treat."""
     r = config.rl
     stats = {} if image_config is None else dict(image_mean=tuple(image_config.image_mean),
                                                  image_std=tuple(image_config.image_std))
-    if r.score_lr_scale != 1.0:
+    if r.score_lr_scale != 1.0 or r.score_level_split:
         if tokenizer is None:
-            raise ValueError("rl.score_lr_scale != 1 needs the tokenizer (its digit tokens)")
-        stats.update(score_token_ids=rollout.score_token_ids(tokenizer), score_lr_scale=float(r.score_lr_scale))
+            raise ValueError("rl.score_lr_scale != 1 and rl.score_level_split need the tokenizer (its digit tokens)")
+        stats.update(score_token_ids=rollout.score_token_ids(tokenizer), score_lr_scale=float(r.score_lr_scale),
+                     score_level_split=bool(r.score_level_split))
     return step.RLConfig(**stats,
         loss=r.loss, samples_per_prompt=r.samples_per_prompt, clip_low=r.clip_low, clip_high=r.clip_high,
         dual_clip=r.dual_clip, kl_coef=r.kl_coef, w_min=r.w_min, w_max=r.w_max, lambda_tar=r.lambda_tar,
@@ -69,6 +70,23 @@ def post_answer_advantages(kind: str, rewards: dict, tokens, lengths, tokenizer,
     after = grpo.after_answer_advantages(np.asarray(rewards["reward"] - rewards["accuracy_reward"], np.float32),
                                          np.asarray(rewards["accuracy"]) > 0, n) * weight
     return np.asarray(grpo.split_token_advantages(advantages, after, after_mask, response_mask), np.float32)
+
+
+def _set_score_direction(ctx, state, seq, score_mask, num_response):
+    """rl.score_level_split, at the first step: its direction is the mean final state (of the policy
+    about to be updated) at the first tokens of the step's sampled scores, over every process's rows."""
+    total, count = step.score_state_sum(ctx.model_config, model_setup.compute_params(state.params, ctx.model_config),
+                                        seq, np.asarray(score_mask), num_response)
+    totals = multihost.allgather_rows(np.asarray(total, np.float64)[None])
+    count = float(multihost.allgather_rows(np.asarray([float(count)])).sum())
+    if count == 0:
+        raise ValueError("rl.score_level_split: no sampled response of the first step states a score, so there is "
+                         "no state to split the digits' level along; warm-start the model on the response format "
+                         "first (config.sft) or leave rl.score_level_split off")
+    direction = totals.sum(0) / count
+    log.info("rl.score_level_split: the digits' level direction is the mean state at %d score tokens (norm %.3f)",
+             int(count), float(np.linalg.norm(direction)))
+    return step.set_score_direction(state, direction)
 
 
 def rl_iteration(ctx, state, ref_params, examples, rng):
@@ -112,6 +130,8 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
     if r.confidence_entropy_bonus:
         advantages = np.asarray(grpo.confidence_entropy_advantages(advantages, stats["nll"], score_mask, response_mask,
                                                                    r.confidence_entropy_bonus), np.float32)
+    if step.score_direction_unset(state):
+        state = _set_score_direction(ctx, state, seq, score_mask, m)
     batch = step.RLBatch(seq, response_mask, vision_mask.astype(np.float32), advantages,
                          stats["logp"], stats["ref_logp"], stats["k3"], stats["nll"], stats["kl"], stats["entropy"])
     state, update_metrics = ctx.train_step(state, batch, k_step)
