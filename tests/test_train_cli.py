@@ -7,10 +7,12 @@ import shutil
 import signal
 
 import fsspec
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
+from vlcal_jax.rl import step
 from vlcal_jax.training import checkpoints, logs, loop, warm
 
 
@@ -119,6 +121,45 @@ def test_resume_continues_and_skips_a_corrupt_checkpoint(first_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
     assert [strip(r) for r in rows[:2]] == [strip(r) for r in rl_rows(workdir)]
+
+
+def test_calibration_levers_resume_bit_for_bit(first_run, tmp_path, monkeypatch):
+    """rl.untie_head, rl.score_lr_scale, rl.confidence_entropy_bonus and rl.score_level_split (none
+    the paper's) together: the split's direction is taken at the first step and kept in the
+    checkpoint, so a run that redoes step 2 from checkpoint 1 repeats it bit for bit (a direction
+    lost or taken again from step 2's rollouts would change it)."""
+    from vlcal_jax.rl import rollout
+
+    # the tiny model states no score in 16 tokens: let every response's first token stand for one
+    real = rollout.confidence_token_mask
+    monkeypatch.setattr(rollout, "confidence_token_mask", lambda tokenizer, tokens, lengths, mode="decoupled": (
+        real(tokenizer, tokens, lengths, mode) | (np.arange(np.shape(tokens)[1])[None] == 0)))
+    directions = []
+    real_set = step.set_score_direction
+    monkeypatch.setattr(step, "set_score_direction", lambda state, d: directions.append(np.asarray(d)) or
+                        real_set(state, d))
+
+    def levers(workdir):
+        config = tiny_config(workdir)
+        config.rl.post_answer_advantage = "reward_to_go"
+        config.rl.untie_head = True
+        config.rl.score_lr_scale = 200.0
+        config.rl.confidence_entropy_bonus = 0.3
+        config.rl.score_level_split = True
+        return config
+
+    workdir = tmp_path / "levers"
+    workdir.mkdir()
+    shutil.copytree(first_run[0] / "warm_start", workdir / "warm_start")
+    loop.run(levers(workdir))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    rows = strip(rl_rows(workdir))
+    assert rows != strip(rl_rows(first_run[0]))  # the levers change the update
+    assert len(directions) == 1 and np.linalg.norm(directions[0]) > 0  # set once, at step 1
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    loop.run(levers(workdir))
+    assert len(directions) == 1  # restored with checkpoint 1, not taken again
+    assert strip(rl_rows(workdir)) == rows
 
 
 @pytest.mark.parametrize("stop_after", [1, 2], ids=["end_of_caption_stage", "in_teacher_stage"])

@@ -73,16 +73,17 @@ def post_answer_advantages(kind: str, rewards: dict, tokens, lengths, tokenizer,
 
 
 def _set_score_direction(ctx, state, seq, score_mask, num_response):
-    """rl.score_level_split, at the first step: its direction is the mean final state (of the policy
-    about to be updated) at the first tokens of the step's sampled scores, over every process's rows."""
+    """rl.score_level_split, at the first step whose sampled responses state a score: its direction
+    is the mean final state (of the policy about to be updated) at the first tokens of those
+    scores, over every process's rows. Until then the optimizer is the plain one."""
     total, count = step.score_state_sum(ctx.model_config, model_setup.compute_params(state.params, ctx.model_config),
                                         seq, np.asarray(score_mask), num_response)
     totals = multihost.allgather_rows(np.asarray(total, np.float64)[None])
     count = float(multihost.allgather_rows(np.asarray([float(count)])).sum())
     if count == 0:
-        raise ValueError("rl.score_level_split: no sampled response of the first step states a score, so there is "
-                         "no state to split the digits' level along; warm-start the model on the response format "
-                         "first (config.sft) or leave rl.score_level_split off")
+        log.warning("rl.score_level_split: no sampled response of this step states a score, so there is no state "
+                    "to split the digits' level along yet; the step is a plain one (the next step tries again)")
+        return state
     direction = totals.sum(0) / count
     log.info("rl.score_level_split: the digits' level direction is the mean state at %d score tokens (norm %.3f)",
              int(count), float(np.linalg.norm(direction)))
