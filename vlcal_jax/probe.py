@@ -69,7 +69,9 @@ def _answers(config, params, tokenizer, image_config, examples, args, prompt):
     return [r for r, k in zip(records, kept) if k], states, int((~kept).sum())
 
 
-def _warm_start(directory: str, params):
+def load_warm_start(directory: str, params):
+    """`params` restored from a run's WORKDIR/warm_start (the model before RL), with a clear error
+    when the directory is missing or holds no finished warm start."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"--warm_start {directory}: no such directory; pass a run's WORKDIR/warm_start")
     store = checkpoints.ParamsStore(os.path.abspath(directory))
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test = load_examples("scenes", args.data_dir, split="test", limit=args.limit)
     config, params, tokenizer, image_config = export.load_model_dir(args.model_path)
     if args.warm_start:
-        params = _warm_start(args.warm_start, params)
+        params = load_warm_start(args.warm_start, params)
     train_records, train_x, train_missing = _answers(config, params, tokenizer, image_config, train, args, prompt)
     test_records, test_x, test_missing = _answers(config, params, tokenizer, image_config, test, args, prompt)
     log.info("%d training and %d held-out answers state both confidences (%d and %d left out)",

@@ -59,14 +59,14 @@ def _warm_start(directory: str, config, params):
     """(config, params) before RL. An export of rl.untie_head has an output projection that its
     warm start, a tied model, lacks: the warm start is then read without it."""
     try:
-        return config, probe_cli._warm_start(directory, params)  # pylint: disable=protected-access
+        return config, probe_cli.load_warm_start(directory, params)
     except (ValueError, KeyError, TypeError) as error:
         if "lm_head" not in params:
             raise
         tied = {k: v for k, v in params.items() if k != "lm_head"}
         log.info("warm start read as a tied model (%s)", type(error).__name__)
         return (dataclasses.replace(config, tie_word_embeddings=True),
-                probe_cli._warm_start(directory, tied))  # pylint: disable=protected-access
+                probe_cli.load_warm_start(directory, tied))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

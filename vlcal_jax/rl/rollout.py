@@ -214,14 +214,14 @@ _SCORE_TAGS = {"decoupled": ("vision_confidence", "reasoning_confidence"), "rlcr
 
 def score_token_ids(tokenizer) -> tuple[int, ...]:
     """The ids of the ten digit tokens "0".."9" with which a score is written; an error when the
-    tokenizer does not write a digit as one token of its own (rl.score_lr_scale, vlcal_jax.readout
-    need one row per digit)."""
+    tokenizer does not write a digit as one token of its own (rl.score_lr_scale, rl.score_level_split
+    and vlcal_jax.readout need one row per digit)."""
     ids = []
     for digit in "0123456789":
         encoded = tokenizer.encode(digit, add_special_tokens=False)
         if len(encoded) != 1:
             raise ValueError(f"the tokenizer writes the digit {digit!r} as {encoded}, not one token; "
-                             "rl.score_lr_scale and vlcal_jax.readout need one token per digit")
+                             "rl.score_lr_scale, rl.score_level_split and vlcal_jax.readout need one token per digit")
         ids.append(int(encoded[0]))
     return tuple(ids)
 
