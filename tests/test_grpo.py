@@ -359,3 +359,50 @@ def test_registry_reads_config_numbers():
                           for i in range(len(adv))])
     paper = ref.tar_weights_paper(certainty, vision & response, adv, 0.4)
     np.testing.assert_allclose(np.asarray(eff), adv * paper, **TOL)
+
+
+def test_group_scales_are_one_over_the_groups_std():
+    rewards = np.array([0.1, 0.7, -0.4, 0.2, 0.5, 0.5, 0.5, 0.5], np.float32)
+    got = np.asarray(grpo.group_scales(rewards, 4))
+    want = 1.0 / (np.std(rewards[:4], ddof=1) + grpo.ADV_EPS)
+    np.testing.assert_allclose(got[:4], want, rtol=1e-6)
+    assert got[4:].tolist() == [0.0] * 4  # a constant group: GRPO gives it no gradient
+
+
+def test_score_expectation_is_an_unbiased_noise_free_score_gradient():
+    """Over every token s the policy could sample at a score's first token, the expectation of
+    the update's logit gradient (score_expectation_loss over the known digits + the sampled
+    token's own term where it is not one) is the exact gradient of E_pi[f] (f: each token's
+    reward, any baseline); a known digit's sampled term is cleared, an unknown one's kept."""
+    from vlcal_jax.rl import step
+
+    rng = np.random.default_rng(0)
+    vocab, digit_ids, baseline, scale = 14, tuple(range(2, 12)), 0.3, 1.7
+    known = [d != 1 for d in range(10)]
+    z = jnp.asarray(rng.normal(size=vocab), jnp.float32)
+    f = rng.normal(size=vocab)
+    pi = np.asarray(jax.nn.softmax(z), np.float64)
+    expected = np.zeros(vocab)
+    for s in range(vocab):
+        tokens = np.array([[0, s, 0]])
+        token_adv = np.array([[0.4, scale * (f[s] - baseline), -0.2]], np.float32)
+        delta = (f[list(digit_ids)] - f[s])[None, None]
+        score_adv, cleared = grpo.score_expectation_advantages(token_adv, tokens, np.array([[1]]), delta,
+                                                               np.array([[scale]]), digit_ids, known)
+        np.testing.assert_allclose(np.asarray(score_adv)[0, 0],
+                                   np.where(known, scale * (f[list(digit_ids)] - baseline), 0.0), rtol=1e-5, atol=1e-5)
+        is_known = s in digit_ids and known[digit_ids.index(s)]
+        assert np.asarray(cleared)[0].tolist() == pytest.approx([0.4, 0.0 if is_known else token_adv[0, 1], -0.2])
+
+        def loss(logits):
+            hidden = jnp.broadcast_to(logits, (1, 3, vocab))
+            expectation = step.score_expectation_loss(hidden, jnp.eye(vocab), jnp.array([[1]]), score_adv, digit_ids)
+            return expectation - cleared[0, 1] * jax.nn.log_softmax(logits)[s]
+
+        expected += pi[s] * np.asarray(jax.grad(loss)(z), np.float64)
+    exact = -scale * pi * (f - pi @ f)  # -d/dz of scale * E_pi[f - baseline]
+    np.testing.assert_allclose(expected, exact, rtol=1e-4, atol=1e-6)
+    # no score: nothing
+    score_adv, cleared = grpo.score_expectation_advantages(np.ones((1, 3)), np.zeros((1, 3), int), np.array([[-1]]),
+                                                           np.ones((1, 1, 10)), np.ones((1, 1)), digit_ids, known)
+    assert not np.asarray(score_adv).any() and np.asarray(cleared).tolist() == [[1.0, 1.0, 1.0]]

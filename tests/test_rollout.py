@@ -174,3 +174,98 @@ def test_post_answer_advantages_of_the_loop():
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="post_answer_advantage"):
         loop.post_answer_advantages("mean", out, tokens, lengths, tokenizer, "decoupled", n, response_mask)
+
+
+def test_score_counterfactuals_rewrite_each_whole_score_as_each_digit():
+    rows = [
+        ["<think>r</think>\\boxed{1}<analysis>ok</analysis>", "<confidence><vision_confidence>", "1", "0",
+         "</vision_confidence>", "<reasoning_confidence> ", "6", "</reasoning_confidence></confidence>"],
+        ["<analysis>ok</analysis><confidence>", "< vision_confidence >7", "</vision_confidence>"],
+        ["<think>no scores</think>", "\\boxed{2}"],
+    ]
+    tokenizer, tokens, lengths = _after_answer_rows(rows)
+    positions, texts, counterfactual = rollout.score_counterfactuals(tokenizer, tokens, lengths)
+    assert positions.tolist() == [[2, 6], [1, -1], [-1, -1]]
+    assert texts == ["".join(row) for row in rows]
+    assert len(counterfactual) == 2 and all(len(per_tag) == 10 for per_tag in counterfactual)
+    # the whole "10" becomes the digit; the other score and the rest of the text stay
+    assert counterfactual[0][3][0] == texts[0].replace("<vision_confidence>10<", "<vision_confidence>3<")
+    assert parse_response(counterfactual[0][3][0]).vision_confidence == 0.3
+    assert parse_response(counterfactual[1][0][0]).reasoning_confidence == 0.0
+    assert counterfactual[0][9][1] == texts[1].replace(">7<", ">9<")
+    assert counterfactual[1][9][1] == texts[1] and counterfactual[0][5][2] == texts[2]  # no such score: unchanged
+    tokenizer, tokens, lengths = _after_answer_rows([["\\boxed{1}<analysis>a</analysis><confidence>", "8",
+                                                      "</confidence>"]])
+    positions, _, counterfactual = rollout.score_counterfactuals(tokenizer, tokens, lengths, mode="rlcr")
+    assert positions.tolist() == [[1]] and parse_response(counterfactual[0][4][0], "rlcr").confidence == 0.4
+    with pytest.raises(ValueError, match="mode="):
+        rollout.score_counterfactuals(tokenizer, tokens, lengths, mode="nope")
+
+
+class DigitTokenizer(ByteLevelTokenizer):
+    def __init__(self, pieces):
+        super().__init__([p.encode() for p in pieces])
+        self.index = {p: i for i, p in enumerate(pieces)}
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.index[text]]
+
+
+@pytest.mark.parametrize("kind", ["shared", "reward_to_go"])
+def test_score_expectation_batch_takes_each_digits_reward(kind):
+    """loop.score_expectation_batch on a group of two: the counterfactual rewards are PAPER.md
+    section 3's with the score rewritten (checked against the formula written out here), scaled as
+    the token's advantage was made; "1" of "10" is not a known digit, so its sampled term stays."""
+    import types
+
+    import ml_collections
+
+    from vlcal_jax.rl import grpo
+    from vlcal_jax.training import loop
+
+    def pieces(answer, v, r):
+        head = (f"<think><vision>I see four apples.</vision><reasoning>Count them.</reasoning></think> The answer "
+                f"is \\boxed{{{answer}}}. <analysis>Clear image.</analysis><confidence><vision_confidence>")
+        return [head, *v, "</vision_confidence><reasoning_confidence>", r, "</reasoning_confidence></confidence>"]
+
+    rows = [pieces("4", "8", "6"), pieces("3", "10", "5")]
+    vocab = sorted({p for row in rows for p in row} | set("0123456789"))
+    tokenizer = DigitTokenizer(vocab)
+    tokens = np.zeros((2, 7), np.int64)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = [vocab.index(p) for p in row]
+    lengths = np.array([len(row) for row in rows])
+    texts = ["".join(row) for row in rows]
+    labels = np.array([0.7, 0.2])
+    example = types.SimpleNamespace(answer="4", choices=None)
+    out = rollout.score_rewards(texts, [example], 2, soft_label=labels)
+    assert out["format"].tolist() == [1.0, 1.0] and out["accuracy"].tolist() == [1.0, 0.0]
+    r = ml_collections.ConfigDict(dict(mode="decoupled", reward="vl_calibration", post_answer_advantage=kind,
+                                       post_answer_weight=0.5,
+                                       reward_weights=dict(lambda_acc=1.0, lambda_cal=2.0, lambda_fmt=0.4,
+                                                           lambda_vis=0.4)))
+    response = (np.arange(7)[None] < lengths[:, None]).astype(np.float32)
+    advantages = loop.post_answer_advantages(kind, out, tokens, lengths, tokenizer, "decoupled", 2, response,
+                                             weight=0.5)
+    token_adv, positions, score_adv, counts = loop.score_expectation_batch(
+        r, tokenizer, out, [example], tokens, lengths, advantages, response, 2)
+
+    def reward(correct, v, rc, label):
+        phi = 0.0 if v == 0 or rc == 0 else 2 * v * rc / (v + rc)
+        return correct - 2.0 * (phi - correct) ** 2 + 0.4 - 0.4 * (v - label) ** 2
+
+    assert positions.tolist() == [[1, 3], [1, 4]]
+    own = [(1.0, 0.8, 0.6, 0.7), (0.0, 1.0, 0.5, 0.2)]
+    np.testing.assert_allclose(out["reward"], [reward(*o) for o in own], rtol=1e-6)
+    scale = 0.5 if kind == "reward_to_go" else float(grpo.group_scales(np.asarray(out["reward"], np.float32), 2)[0])
+    full = np.asarray(grpo.token_advantages(np.asarray(advantages, np.float32), response > 0))
+    for i, (correct, v, rc, label) in enumerate(own):
+        for j in range(2):
+            a_t = full[i, positions[i, j]]
+            for k in range(10):
+                alt = (correct, k / 10, rc, label) if j == 0 else (correct, v, k / 10, label)
+                want = 0.0 if k == 1 else a_t + scale * (reward(*alt) - reward(*own[i]))
+                assert score_adv[i, j, k] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    cleared = [token_adv[i, positions[i, j]] for i in range(2) for j in range(2)]
+    assert cleared[0] == cleared[1] == cleared[3] == 0.0  # 8, 6, 5: known digits
+    assert cleared[2] == pytest.approx(full[1, 1]) and counts.tolist() == [[3, 4]]  # the "1" of "10" keeps its own

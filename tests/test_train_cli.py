@@ -162,6 +162,43 @@ def test_calibration_levers_resume_bit_for_bit(first_run, tmp_path, monkeypatch)
     assert strip(rl_rows(workdir)) == rows
 
 
+def test_score_expectation_runs_and_resumes_bit_for_bit(first_run, tmp_path, monkeypatch):
+    """rl.score_expectation (not the paper's) through the loop: the batch carries the digits'
+    advantages, the update changes, and a run that redoes step 2 from checkpoint 1 repeats it."""
+    from vlcal_jax.rl import rollout
+
+    # the tiny model states no score in 16 tokens: let every response's first token stand for one
+    real = rollout.score_counterfactuals
+
+    def first_token_scores(tokenizer, tokens, lengths, mode="decoupled"):
+        positions, texts, counterfactual = real(tokenizer, tokens, lengths, mode)
+        return np.where(positions < 0, 0, positions).astype(np.int32), texts, counterfactual
+
+    monkeypatch.setattr(rollout, "score_counterfactuals", first_token_scores)
+
+    def expectation(workdir):
+        config = tiny_config(workdir)
+        config.rl.post_answer_advantage = "reward_to_go"
+        config.rl.score_expectation = True
+        return config
+
+    workdir = tmp_path / "expectation"
+    workdir.mkdir()
+    shutil.copytree(first_run[0] / "warm_start", workdir / "warm_start")
+    loop.run(expectation(workdir))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    rows = strip(rl_rows(workdir))
+    assert rows != strip(rl_rows(first_run[0]))
+    assert all("update/score_expectation_loss" in r and 0 <= r["rollout/score_known_digit"] <= 1 for r in rows)
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    loop.run(expectation(workdir))
+    assert strip(rl_rows(workdir)) == rows
+    config = expectation(tmp_path / "both")
+    config.rl.confidence_entropy_bonus = 0.1
+    with pytest.raises(ValueError, match="do not combine"):
+        loop.rl_config(config)
+
+
 @pytest.mark.parametrize("stop_after", [1, 2], ids=["end_of_caption_stage", "in_teacher_stage"])
 def test_warm_start_stopped_by_sigterm_resumes_bit_for_bit(first_run, tmp_path, monkeypatch, stop_after):
     """A SIGTERM during the warm start (1 caption + 2 teacher steps here) checkpoints the step it

@@ -160,6 +160,11 @@ def default_config() -> ml_collections.ConfigDict:
     # (step.split_score_level), so that an update can change how the stated score varies from
     # scene to scene without being swamped by its shared level. Use with rl.untie_head. Not the paper's.
     c.rl.score_level_split = False
+    # True: at the first token of each stated score the sampled digit's policy-gradient term is
+    # replaced by the exact expectation over the digits 0, 2..9 (each one's reward recomputed with the
+    # score rewritten as that digit; "1" may open "10" and keeps its sampled term), which removes the
+    # noise of sampling the digit (grpo.score_expectation_advantages). Not the paper's.
+    c.rl.score_expectation = False
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0

@@ -19,6 +19,8 @@ __all__ = [
     "token_advantages",
     "after_answer_advantages",
     "split_token_advantages",
+    "group_scales",
+    "score_expectation_advantages",
     "k3_from_logprobs",
     "token_advantage_weights",
     "tar_weights_paper",
@@ -115,6 +117,52 @@ def confidence_entropy_advantages(advantages: jax.Array, nll: jax.Array, score_m
     count = jnp.sum(scores)
     baseline = jnp.sum(jnp.where(scores, nll, 0.0)) / jnp.maximum(count, 1)
     return token + jnp.where(scores, jnp.asarray(bonus, jnp.float32) * (nll - baseline), 0.0)
+
+
+def group_scales(rewards: jax.Array, group_size: int) -> jax.Array:
+    """1 / (std_g + 1e-6) of each response's group [N]: what turns a reward difference into a GRPO
+    advantage difference (group_advantages); 0 for a group whose rewards are all equal, which
+    GRPO gives no gradient."""
+    num = rewards.shape[0]
+    grouped = rewards.astype(jnp.float32).reshape(num // group_size, group_size)
+    std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
+    constant = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
+    return jnp.broadcast_to(jnp.where(constant, 0.0, 1.0 / (std + ADV_EPS)), grouped.shape).reshape(num)
+
+
+def score_expectation_advantages(token_adv: jax.Array, tokens: jax.Array, positions: jax.Array,
+                                 reward_delta: jax.Array, scale: jax.Array, digit_ids, known) -> tuple:
+    """The advantages of rl.score_expectation (not the paper's objective): at the first token of each
+    stated score the sampled digit's policy-gradient term is replaced by the exact expectation over
+    the digits whose counterfactual reward is known.
+
+    token_adv [N, T]: the update's token advantages; tokens [N, T]: the sampled response tokens;
+    positions [N, J]: the first token of score j (-1: none, `rollout.score_counterfactuals`);
+    reward_delta [N, J, K]: the reward with score j rewritten as digit k minus the response's own;
+    scale [N, J]: what turns a reward difference into an advantage difference at that token (1 /
+    (std_g + eps) for GRPO's shared advantage, rl.post_answer_weight after the answer); digit_ids
+    [K]; known [K] bool: the digits that end a score (not "1", which may open "10").
+
+    Returns (score_adv [N, J, K]: A_t + scale * reward_delta for the known digits, 0 for the others
+    and where there is no score; token_adv [N, T] with A_t set to 0 where the sampled token is a
+    known digit, whose term the expectation now holds). The update's gradient at that token is then
+    sum_{k known} grad pi(k) score_adv_k + [sampled token not known] A_t grad log pi(sampled): in
+    expectation over the sampled token, the score-function gradient of the expected reward, with the
+    sampling noise of the known digits removed."""
+    token_adv = jnp.asarray(token_adv, jnp.float32)
+    positions = jnp.asarray(positions, jnp.int32)
+    has = positions >= 0
+    at = jnp.maximum(positions, 0)
+    a_t = jnp.take_along_axis(token_adv, at, axis=1)  # [N, J]
+    sampled = jnp.take_along_axis(jnp.asarray(tokens), at, axis=1)
+    digit_ids, known = jnp.asarray(digit_ids, jnp.int32), jnp.asarray(known, bool)
+    sampled_known = jnp.any((sampled[..., None] == digit_ids) & known, axis=-1) & has
+    score_adv = a_t[..., None] + jnp.asarray(scale, jnp.float32)[..., None] * jnp.asarray(reward_delta, jnp.float32)
+    score_adv = jnp.where(has[..., None] & known, score_adv, 0.0)
+    cleared = jnp.zeros(token_adv.shape, bool)
+    rows = jnp.broadcast_to(jnp.arange(token_adv.shape[0])[:, None], at.shape)
+    cleared = cleared.at[rows, at].max(sampled_known)
+    return score_adv, jnp.where(cleared, 0.0, token_adv)
 
 
 def _tar_applies(vision_mask, advantages, response_mask=None):

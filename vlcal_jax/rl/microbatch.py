@@ -135,5 +135,6 @@ def split(batch, micro_batch_size: int, samples_per_prompt: int, *, image_token_
         x = np.asarray(x)
         return x.reshape(k, -1, *x.shape[1:])
 
-    fields = {name: rows_first(value) for name, value in batch._asdict().items() if name != "inputs"}
+    fields = {name: None if value is None else rows_first(value)
+              for name, value in batch._asdict().items() if name != "inputs"}
     return type(batch)(inputs=stacked, **fields)

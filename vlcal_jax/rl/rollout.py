@@ -246,6 +246,44 @@ def confidence_token_mask(tokenizer, tokens, lengths, mode: str = "decoupled") -
     return mask
 
 
+_SCORE_VALUE = re.compile(r"\d+(?:\.\d+)?|[^\s<]")
+
+
+def score_counterfactuals(tokenizer, tokens, lengths, mode: str = "decoupled", digits: str = "0123456789"):
+    """Each response rewritten with one of its stated scores replaced by each digit
+    (rl.score_expectation): the rewards of these texts are what the response would have earned had
+    it stated that digit there and closed the tag.
+
+    tokens [N, M], lengths [N] -> (positions int32 [N, J]: the response token that holds the first
+    character of score j, the first occurrence of each tag of `mode` (J = 2 for "decoupled", 1 for
+    "rlcr"; -1 where the response states none); texts [N]: the responses as decoded here;
+    counterfactual [J][len(digits)] lists of N texts: score j's whole number replaced by the digit,
+    the response unchanged where it states no score j)."""
+    if mode not in _SCORE_TAGS:
+        raise ValueError(f"mode={mode!r}; use one of {sorted(_SCORE_TAGS)}")
+    patterns = [re.compile(rf"<\s*{tag}\s*>\s*([^\s<])") for tag in _SCORE_TAGS[mode]]
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    positions = np.full((tokens.shape[0], len(patterns)), -1, np.int32)
+    texts = []
+    counterfactual = [[[] for _ in digits] for _ in patterns]
+    for row in range(tokens.shape[0]):
+        text, offsets = decode_with_offsets(tokenizer, tokens[row, :lengths[row]])
+        texts.append(text)
+        for j, pattern in enumerate(patterns):
+            match = pattern.search(text)
+            hit = None if match is None else np.flatnonzero((offsets[:, 0] <= match.start(1))
+                                                            & (offsets[:, 1] > match.start(1)))
+            if hit is None or not len(hit):
+                for k in range(len(digits)):
+                    counterfactual[j][k].append(text)
+                continue
+            positions[row, j] = hit[0]
+            value = _SCORE_VALUE.match(text, match.start(1))
+            for k, digit in enumerate(digits):
+                counterfactual[j][k].append(text[:value.start()] + digit + text[value.end():])
+    return positions, texts, counterfactual
+
+
 def global_soft_labels(texts, vision_kl, vision_entropy) -> np.ndarray:
     """The soft labels S_vis [N] of this process's N responses, their z-score taken over every
     process's responses of the step (PAPER.md section 4: batch-wide statistics stay batch-wide);

@@ -76,6 +76,9 @@ class RLConfig:
     # True: the output rows of score_token_ids are optimised as a per-token level along the mean
     # state at the score tokens plus a part orthogonal to it (split_score_level). Not the paper's.
     score_level_split: bool = False
+    # True: the batch carries score_positions / score_advantages (rl.score_expectation) and the first
+    # token of each stated score takes the exact expectation over the digits (score_expectation_loss).
+    score_expectation: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "score_token_ids", tuple(int(i) for i in self.score_token_ids))
@@ -83,6 +86,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.score_lr_scale={self.score_lr_scale} needs score_token_ids (the digit tokens)")
         if self.score_level_split and not self.score_token_ids:
             raise ValueError("RLConfig.score_level_split=True needs score_token_ids (the digit tokens)")
+        if self.score_expectation and len(self.score_token_ids) != 10:
+            raise ValueError("RLConfig.score_expectation=True needs score_token_ids, the ten digit tokens")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature={self.temperature} must be > 0: it divides the logits of the "
                              "update (set rl.temperature to the rollouts' sampling temperature)")
@@ -109,7 +114,9 @@ class RLBatch(NamedTuple):
     inputs: prompt + response rows [N, Tp + M] (vision once per prompt, shared via image_index);
     response_mask/vision_mask [N, M]; advantages [N] (or [N, M] per token: rl.post_answer_advantage);
     old_logp/ref_logp [N, M]; token_k3,
-    token_nll, token_kl, token_entropy [N, M] (VCE per-token statistics from `score`).
+    token_nll, token_kl, token_entropy [N, M] (VCE per-token statistics from `score`);
+    score_positions [N, J] int32 and score_advantages [N, J, 10] (rl.score_expectation,
+    grpo.score_expectation_advantages; None without it).
     """
 
     inputs: qwen3_vl.ModelInputs
@@ -122,6 +129,8 @@ class RLBatch(NamedTuple):
     token_nll: jax.Array
     token_kl: jax.Array
     token_entropy: jax.Array
+    score_positions: jax.Array | None = None
+    score_advantages: jax.Array | None = None
 
 
 def response_hidden(config: ModelConfig, params, inputs: qwen3_vl.ModelInputs, num_response: int):
@@ -257,18 +266,45 @@ def shaped_advantages(rl: RLConfig, batch: RLBatch):
     return losses.get(rl.loss)(token_stats, advantages, response, batch.vision_mask, rl.loss_options())
 
 
+def score_expectation_loss(hidden, kernel, positions, score_advantages, digit_ids):
+    """-sum over the stated scores' first tokens of sum_k pi(digit k | prefix) score_advantages_k
+    (rl.score_expectation, not divided by a token count): hidden [N, M, D] (tempered), the [D, V]
+    head, positions [N, J] (-1: none), score_advantages [N, J, K], digit_ids [K]. Its gradient is
+    the exact expectation over the digits of the policy-gradient term the sampled digit would have
+    had (grpo.score_expectation_advantages); the full-vocabulary softmax at J tokens per row."""
+    at = jnp.maximum(positions, 0)
+    h = jnp.take_along_axis(hidden, at[..., None], axis=1)
+    logp = jax.nn.log_softmax(_head_logits(h, kernel), axis=-1)
+    p = jnp.exp(logp[..., jnp.asarray(digit_ids, jnp.int32)])
+    return -jnp.sum(jnp.where((positions >= 0)[..., None], p * score_advantages.astype(jnp.float32), 0.0))
+
+
 def micro_loss(params, config: ModelConfig, rl: RLConfig, batch: RLBatch, effective, pg_mask,
                num_tokens=None, num_pg_tokens=None):
     """The clipped surrogate + reference KL of `batch`'s rows (PAPER.md section 6), normalised by
-    the global token counts (the whole batch's, not this micro-batch's) -> (loss, metrics)."""
+    the global token counts (the whole batch's, not this micro-batch's) -> (loss, metrics). With
+    rl.score_expectation, plus score_expectation_loss over the same policy-gradient token count."""
     num_response = batch.response_mask.shape[1]
     targets = batch.inputs.input_ids[:, -num_response:]
     hidden = tempered(response_hidden(config, params, batch.inputs, num_response), rl)
-    logp = token_logprobs(hidden, text.lm_head_kernel(config, params), targets, min(rl.logprob_chunk, num_response))
-    return grpo.policy_loss(logp, batch.old_logp, batch.ref_logp, effective, batch.response_mask.astype(bool),
-                            pg_mask, clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,
-                            kl_coef=rl.kl_coef, kl_clamp=rl.kl_clamp, num_tokens=num_tokens,
-                            num_pg_tokens=num_pg_tokens)
+    kernel = text.lm_head_kernel(config, params)
+    logp = token_logprobs(hidden, kernel, targets, min(rl.logprob_chunk, num_response))
+    loss, metrics = grpo.policy_loss(logp, batch.old_logp, batch.ref_logp, effective, batch.response_mask.astype(bool),
+                                     pg_mask, clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,
+                                     kl_coef=rl.kl_coef, kl_clamp=rl.kl_clamp, num_tokens=num_tokens,
+                                     num_pg_tokens=num_pg_tokens)
+    if rl.score_expectation:
+        if batch.score_positions is None:
+            raise ValueError("RLConfig.score_expectation=True needs batch.score_positions and "
+                             "batch.score_advantages (grpo.score_expectation_advantages)")
+        if num_pg_tokens is None:
+            num_pg_tokens = jnp.sum(pg_mask.astype(bool) & batch.response_mask.astype(bool))
+        count = jnp.maximum(jnp.asarray(num_pg_tokens, jnp.float32), 1.0)
+        expected = score_expectation_loss(hidden, kernel, batch.score_positions, batch.score_advantages,
+                                          rl.score_token_ids) / count
+        loss = loss + expected
+        metrics = {**metrics, "loss": loss, "score_expectation_loss": expected}
+    return loss, metrics
 
 
 def loss_fn(params, config: ModelConfig, rl: RLConfig, batch: RLBatch):
@@ -436,6 +472,14 @@ def check_batch(config: ModelConfig, batch: RLBatch):
         chex.assert_shape(getattr(batch, name), (rows, m), custom_message=message)
         if name != "vision_mask":
             chex.assert_type(getattr(batch, name), float, custom_message=f"batch.{name} must be float")
+    if (batch.score_positions is None) != (batch.score_advantages is None):
+        raise ValueError("batch.score_positions and batch.score_advantages go together (rl.score_expectation)")
+    if batch.score_positions is not None:
+        chex.assert_shape(batch.score_positions, (rows, None), custom_message=f"batch.score_positions must be "
+                                                                             f"[N, J] with N = {rows}")
+        j = batch.score_positions.shape[1]
+        chex.assert_shape(batch.score_advantages, (rows, j, 10), custom_message=f"batch.score_advantages must be "
+                                                                               f"[N, J, 10] = [{rows}, {j}, 10]")
 
 
 def _apply_gradients(optimizer, state: TrainState, loss, metrics, grads):
@@ -461,7 +505,7 @@ def _step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch
 
 # policy_loss metrics already divided by the global token counts; the others are token means
 # of the micro-batch, accumulated weighted by its token count
-_GLOBALLY_NORMALISED = ("loss", "pg_loss", "ref_kl")
+_GLOBALLY_NORMALISED = ("loss", "pg_loss", "ref_kl", "score_expectation_loss")
 
 
 def _micro_step(config: ModelConfig, rl: RLConfig, optimizer, state: TrainState, batch: RLBatch, rng,

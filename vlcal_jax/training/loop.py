@@ -37,11 +37,18 @@ def rl_config(config: ml_collections.ConfigDict, image_config=None, tokenizer=No
     r = config.rl
     stats = {} if image_config is None else dict(image_mean=tuple(image_config.image_mean),
                                                  image_std=tuple(image_config.image_std))
-    if r.score_lr_scale != 1.0 or r.score_level_split:
+    expectation = bool(r.get("score_expectation", False))
+    if expectation and r.confidence_entropy_bonus:
+        raise ValueError("rl.score_expectation=True and rl.confidence_entropy_bonus > 0 do not combine: the bonus is "
+                         "a sampled-token estimate on the very tokens whose term the expectation replaces; set one")
+    if expectation and r.mode == "plain":
+        raise ValueError("rl.score_expectation=True needs a format that states scores (rl.mode decoupled or rlcr)")
+    if r.score_lr_scale != 1.0 or r.score_level_split or expectation:
         if tokenizer is None:
-            raise ValueError("rl.score_lr_scale != 1 and rl.score_level_split need the tokenizer (its digit tokens)")
+            raise ValueError("rl.score_lr_scale != 1, rl.score_level_split and rl.score_expectation need the "
+                             "tokenizer (its digit tokens)")
         stats.update(score_token_ids=rollout.score_token_ids(tokenizer), score_lr_scale=float(r.score_lr_scale),
-                     score_level_split=bool(r.score_level_split))
+                     score_level_split=bool(r.score_level_split), score_expectation=expectation)
     return step.RLConfig(**stats,
         loss=r.loss, samples_per_prompt=r.samples_per_prompt, clip_low=r.clip_low, clip_high=r.clip_high,
         dual_clip=r.dual_clip, kl_coef=r.kl_coef, w_min=r.w_min, w_max=r.w_max, lambda_tar=r.lambda_tar,
@@ -70,6 +77,42 @@ def post_answer_advantages(kind: str, rewards: dict, tokens, lengths, tokenizer,
     after = grpo.after_answer_advantages(np.asarray(rewards["reward"] - rewards["accuracy_reward"], np.float32),
                                          np.asarray(rewards["accuracy"]) > 0, n) * weight
     return np.asarray(grpo.split_token_advantages(advantages, after, after_mask, response_mask), np.float32)
+
+
+def score_expectation_batch(r, tokenizer, rewards: dict, examples, tokens, lengths, advantages, response_mask, n: int):
+    """rl.score_expectation: the rewards of every response with each stated score rewritten as each
+    digit (rollout.score_counterfactuals) -> (token advantages [N, M], score_positions [N, J],
+    score_advantages [N, J, 10], counts [1, 2] of the sampled score tokens that are known digits and
+    of all of them). The reward difference becomes an advantage difference as the token's own
+    advantage was made: divided by the group's std (GRPO), or times rl.post_answer_weight after the
+    answer (reward_to_go)."""
+    positions, texts, counterfactual = rollout.score_counterfactuals(tokenizer, tokens, lengths, r.mode)
+    labels = rewards.get("soft_label")
+    extra = {} if labels is None else {"soft_label": np.asarray(labels, np.float64)}
+    weights = dict(r.reward_weights)
+
+    def reward_of(batch_texts):
+        out = rollout.score_rewards(batch_texts, examples, n, reward=r.reward, **extra, **weights)
+        return np.asarray(out["reward"], np.float64)
+
+    base = reward_of(texts)
+    delta = np.stack([np.stack([reward_of(texts_k) - base for texts_k in per_tag], -1)
+                      for per_tag in counterfactual], 1)
+    scale = np.repeat(np.asarray(grpo.group_scales(np.asarray(rewards["reward"], np.float32), n))[:, None],
+                      positions.shape[1], 1)
+    if r.post_answer_advantage == "reward_to_go":
+        after = rollout.after_answer_mask(tokenizer, tokens, lengths, r.mode)
+        at_score = np.take_along_axis(after, np.maximum(positions, 0), 1)
+        scale = np.where(at_score, float(r.post_answer_weight), scale)
+    token_adv = grpo.token_advantages(np.asarray(advantages, np.float32), np.asarray(response_mask) > 0)
+    digits = "0123456789"
+    score_adv, token_adv = grpo.score_expectation_advantages(
+        token_adv, tokens, positions, delta, scale, rollout.score_token_ids(tokenizer), [d != "1" for d in digits])
+    ids = np.asarray(rollout.score_token_ids(tokenizer))
+    sampled = np.take_along_axis(np.asarray(tokens), np.maximum(positions, 0), 1)
+    known = np.isin(sampled, ids[[d != "1" for d in digits]]) & (positions >= 0)
+    counts = np.asarray([[known.sum(), (positions >= 0).sum()]], np.float64)
+    return np.asarray(token_adv, np.float32), positions, np.asarray(score_adv, np.float32), counts
 
 
 def _set_score_direction(ctx, state, seq, score_mask, num_response):
@@ -133,12 +176,21 @@ def rl_iteration(ctx, state, ref_params, examples, rng):
                                                                    r.confidence_entropy_bonus), np.float32)
     if step.score_direction_unset(state):
         state = _set_score_direction(ctx, state, seq, score_mask, m)
+    expectation = {}
+    if rl.score_expectation:
+        advantages, positions, score_adv, known_counts = score_expectation_batch(
+            r, ctx.tokenizer, rewards, examples, tokens, lengths, advantages, response_mask, n)
+        expectation = dict(score_positions=positions, score_advantages=score_adv)
     batch = step.RLBatch(seq, response_mask, vision_mask.astype(np.float32), advantages,
-                         stats["logp"], stats["ref_logp"], stats["k3"], stats["nll"], stats["kl"], stats["entropy"])
+                         stats["logp"], stats["ref_logp"], stats["k3"], stats["nll"], stats["kl"], stats["entropy"],
+                         **expectation)
     state, update_metrics = ctx.train_step(state, batch, k_step)
     update_metrics = {k: float(v) for k, v in update_metrics.items()}
     t3 = time.perf_counter()
     metrics = {f"update/{k}": v for k, v in update_metrics.items()}
+    if rl.score_expectation:
+        known, total = multihost.allgather_rows(known_counts).sum(0)
+        metrics["rollout/score_known_digit"] = float(known / max(total, 1.0))
     # per-response values of every process (small host arrays), so that the means below are over
     # the whole step's batch, in the order one process would have them
     rows = multihost.allgather_rows
